@@ -1,0 +1,296 @@
+"""The one place that knows native SDPA's rules.
+
+``normalize`` validates the arguments of ``scaled_dot_product_attention`` the way native does (same exception
+classes, clear messages; see the contract notes in the README) and turns them into a :class:`Call`: q/k/v as 4-D
+views ``(B, H, L, E)``, ``(B, Hkv, S, E)``, ``(B, Hkv, S, Ev)``, and the mask as a stride-0 expanded view
+``(B, H, L, S)``. Nothing is materialised except in the rare cases noted inline (more than one leading batch dim
+of an expanded tensor, or key and value with different GQA head counts).
+
+Decisions where native is inconsistent (binding, see the contract notes):
+- a mask together with ``is_causal`` raises, as the math path does;
+- k/v of different lengths and a mask on another device raise ``RuntimeError``;
+- ``dropout_p`` outside ``[0, 1]`` (or NaN) raises ``RuntimeError``; ``dropout_p == 1`` gives zeros, as math.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_DTYPE_REPR = {
+    torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16",
+}
+
+
+def _dt(d: torch.dtype) -> str:
+    return _DTYPE_REPR.get(d, str(d).replace("torch.", ""))
+
+
+@dataclass
+class Call:
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Tensor | None
+    mask_kind: str  # "none" | "bool" | "float"
+    dropout_p: float
+    causal: bool
+    scale: float
+    groups: int
+    out_shape: tuple[int, ...]
+    enable_gqa: bool = False
+    needs_grad: bool = False
+    dense4d: bool = False  # the user's q/k/v are 4-D with equal batch sizes and equal (or GQA) heads
+    mask_dims: int = 0  # the user's mask rank
+
+    @property
+    def B(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def H(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def Hkv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def L(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def S(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def E(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def Ev(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def trivial(self) -> bool:
+        """Output is empty, has no keys to attend, or dropout drops everything: no kernel needed."""
+        return self.q.numel() == 0 or self.S == 0 or self.Ev == 0 or self.B * self.H * self.L == 0 \
+            or self.dropout_p >= 1.0
+
+    def zeros_result(self, originals: tuple) -> Tensor:
+        """Zeros of the output shape, connected to autograd as native's short-circuit is (grads are 0)."""
+        out = torch.zeros(self.out_shape, dtype=self.q.dtype, device=self.q.device)
+        needs = [t for t in originals if isinstance(t, Tensor) and t.requires_grad]
+        if needs:
+            out = out + sum((t.sum() * 0).to(out.dtype) for t in needs)
+        return out
+
+
+def _check_bool_flag(name: str, value) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be bool, not {type(value).__name__}")
+    return value
+
+
+def _as_float(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be float, not Tensor")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be float, not {type(value).__name__}")
+    return float(value)
+
+
+def _broadcast(shapes: list[tuple[int, ...]], what: str) -> tuple[int, ...]:
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        raise RuntimeError(
+            f"scaled_dot_product_attention: the {what} of query, key and value, "
+            f"{', '.join(str(tuple(s)) for s in shapes)}, cannot be broadcast together") from None
+
+
+def validate_types(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Argument types, as native's argument parser checks them. Returns (dropout_p, scale) as floats."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be Tensor, "
+                            f"not {type(t).__name__}")
+    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+        raise TypeError("scaled_dot_product_attention(): argument 'attn_mask' must be Tensor, "
+                        f"not {type(attn_mask).__name__}")
+    _check_bool_flag("is_causal", is_causal)
+    _check_bool_flag("enable_gqa", enable_gqa)
+    return _as_float("dropout_p", dropout_p), _as_float("scale", scale)
+
+
+def normalize(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p=0.0,
+              is_causal: bool = False, scale=None, enable_gqa: bool = False) -> Call:
+    p, scale_f = validate_types(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    q, k, v = query, key, value
+
+    # --- native's validate_sdpa_input, in its order ---
+    if not (q.dtype == k.dtype == v.dtype):
+        raise RuntimeError(
+            "Expected query, key, and value to have the same dtype, but got query.dtype: "
+            f"{_dt(q.dtype)} key.dtype: {_dt(k.dtype)} and value.dtype: {_dt(v.dtype)} instead.")
+    if not (q.device == k.device == v.device):
+        raise RuntimeError(
+            "Expected query, key, and value to have the same device type, but got query.device: "
+            f"{q.device} key.device: {k.device} and value.device: {v.device} instead.")
+    if q.dim() < 2 or k.dim() < 2 or v.dim() < 2:
+        raise RuntimeError(
+            "Expected query, key, and value to all be at least 2 dimensional, but got query.dim: "
+            f"{q.dim()} key.dim: {k.dim()} and value.dim: {v.dim()} instead.")
+    if attn_mask is not None:
+        if attn_mask.dtype not in (torch.bool, torch.float32, q.dtype):
+            raise RuntimeError(
+                "Expected attn_mask dtype to be bool or float or to match query dtype, but got attn_mask.dtype: "
+                f"{_dt(attn_mask.dtype)} and query.dtype: {_dt(q.dtype)} instead.")
+        if attn_mask.device != q.device:
+            raise RuntimeError(
+                f"scaled_dot_product_attention: attn_mask is on {attn_mask.device} but query, key and value are on "
+                f"{q.device}; move the mask to {q.device}")
+        if is_causal:
+            raise RuntimeError(
+                "_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True "
+                "(combine the causal pattern into the mask instead)")
+
+    # --- beyond native's checks: the ones its math path raises later, raised here with clear text ---
+    if p is None or math.isnan(p) or p < 0.0 or p > 1.0:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if q.size(-1) != k.size(-1):
+        raise RuntimeError(
+            f"scaled_dot_product_attention: query and key must have the same head dim E, but got query E="
+            f"{q.size(-1)} and key E={k.size(-1)}")
+    if k.size(-2) != v.size(-2):
+        raise RuntimeError(
+            f"scaled_dot_product_attention: key and value must have the same sequence length S, but got key S="
+            f"{k.size(-2)} and value S={v.size(-2)}")
+
+    L, E, S, Ev = q.size(-2), q.size(-1), k.size(-2), v.size(-1)
+    groups = 1
+    if enable_gqa:
+        for name, t in (("query", q), ("key", k), ("value", v)):
+            if t.dim() < 3:
+                raise IndexError(
+                    f"Dimension out of range (expected to be in range of [-{t.dim()}, {t.dim() - 1}], but got -3): "
+                    f"enable_gqa=True needs a heads dimension (dim -3) on {name}")
+        hq, hk, hv = q.size(-3), k.size(-3), v.size(-3)
+        if hk == 0 or hv == 0 or hq % hk or hq % hv:
+            raise RuntimeError(
+                "Number of heads in key and value must divide the number of heads in query, but got "
+                f"query heads {hq}, key heads {hk}, value heads {hv}")
+        if hk != hv:  # rare (math accepts it): give k and v one head count so kernels index one kv head.
+            target = math.lcm(hk, hv)
+            k = k.repeat_interleave(target // hk, dim=-3) if target != hk else k
+            v = v.repeat_interleave(target // hv, dim=-3) if target != hv else v
+        groups = hq // k.size(-3)
+        if groups == 1:
+            enable_gqa = False
+
+    # Leading dims: the last one before (L, E) is heads, the rest is batch. Pad ranks to one length.
+    nd = max(q.dim(), k.dim(), v.dim(), 3)
+    q = q.reshape((1,) * (nd - q.dim()) + tuple(q.shape)) if q.dim() < nd else q
+    k = k.reshape((1,) * (nd - k.dim()) + tuple(k.shape)) if k.dim() < nd else k
+    v = v.reshape((1,) * (nd - v.dim()) + tuple(v.shape)) if v.dim() < nd else v
+    batch = _broadcast([q.shape[:-3], k.shape[:-3], v.shape[:-3]], "batch dims")
+    hq = q.size(-3)
+    if groups > 1:
+        hkv = k.size(-3)
+        heads = hq
+    else:
+        heads = _broadcast([(hq,), (k.size(-3),), (v.size(-3),)], "head dims")[0]
+        hq, hkv = heads, heads
+    out_batch = batch + (heads,)
+    # The user's output rank: native returns (*broadcast(leading dims), L, Ev).
+    user_lead = max(query.dim(), key.dim(), value.dim()) - 2
+    out_shape = out_batch[len(out_batch) - user_lead:] + (L, Ev) if user_lead else (L, Ev)
+
+    def to4(t: Tensor, h: int, last: int, rows: int) -> Tensor:
+        t = t.expand(*batch, h, rows, last)
+        if len(batch) == 1:
+            return t
+        if len(batch) == 0:
+            return t.unsqueeze(0)
+        return t.reshape(-1, h, rows, last)  # more than one batch dim: may copy an expanded tensor
+
+    q4 = to4(q, hq, E, L)
+    k4 = to4(k, hkv, E, S)
+    v4 = to4(v, hkv, Ev, S)
+
+    mask4 = None
+    kind = "none"
+    if attn_mask is not None:
+        score_shape = out_batch + (L, S)
+        m = attn_mask
+        ok = m.dim() <= len(score_shape) and all(
+            a == b or a == 1 for a, b in zip(reversed(m.shape), reversed(score_shape)))
+        if not ok:
+            raise RuntimeError(
+                f"scaled_dot_product_attention: attn_mask of shape {tuple(m.shape)} cannot be broadcast to the "
+                f"attention scores of shape {tuple(score_shape)} (batch..., heads, L, S); a mask may broadcast to "
+                "the scores but not enlarge them")
+        m = m.reshape((1,) * (len(score_shape) - m.dim()) + tuple(m.shape)).expand(score_shape)
+        if len(batch) == 0:
+            m = m.unsqueeze(0)
+        elif len(batch) > 1:
+            m = m.reshape(-1, heads, L, S)
+        mask4 = m
+        kind = "bool" if m.dtype == torch.bool else "float"
+
+    # E == 0: every score is an empty sum (0); native's 1/sqrt(0) never multiplies anything there.
+    scale_v = scale_f if scale_f is not None else (1.0 / math.sqrt(E) if E > 0 else 1.0)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, attn_mask))
+    dense4d = (query.dim() == key.dim() == value.dim() == 4 and query.size(0) == key.size(0) == value.size(0)
+               and key.size(1) == value.size(1) and (query.size(1) == key.size(1) or groups > 1))
+    return Call(q=q4, k=k4, v=v4, mask=mask4, mask_kind=kind, dropout_p=p, causal=is_causal, scale=scale_v,
+                groups=groups, out_shape=tuple(out_shape), enable_gqa=enable_gqa, needs_grad=needs_grad,
+                dense4d=dense4d, mask_dims=attn_mask.dim() if attn_mask is not None else 0)
+
+
+def should_delegate(query, key, value, attn_mask) -> str:
+    """A non-empty reason when a call must go to native SDPA untouched (nested, CausalBias, subclasses, modes…)."""
+    tensors = tuple(t for t in (query, key, value, attn_mask) if isinstance(t, Tensor))
+    if len(tensors) < 3 or not all(isinstance(t, Tensor) for t in (query, key, value)):
+        return "non-tensor inputs"
+    if any(t.is_nested for t in tensors):
+        return "nested tensors"
+    try:
+        from torch.nn.attention.bias import CausalBias
+
+        if isinstance(attn_mask, CausalBias):
+            return "CausalBias mask"
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.overrides.has_torch_function(tensors):
+        return "__torch_function__ override or mode"
+    if any(type(t) is not Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors):
+        return "tensor subclass"
+    if query.device.type == "meta":
+        return "meta tensors"
+    if not query.dtype.is_floating_point or query.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                                                 torch.float64):
+        return f"dtype {query.dtype}"
+    try:
+        if torch._C._functorch.is_functorch_wrapped_tensor(query):
+            return "functorch transform"
+    except AttributeError:  # pragma: no cover
+        pass
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return "TorchScript"
+    return ""

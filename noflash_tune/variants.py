@@ -1,0 +1,297 @@
+"""Variants: a family plus validated parameters, and each family's search space.
+
+A family declares what it supports the way xformers' ops do: ``reasons(call)`` lists why it cannot serve a call
+(empty = it can). The search space is a plain dict of finite choices; every parameter that reaches a template is
+a member of it, so rendering never sees a value that a config file invented.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .contract import Call
+
+POW2_BLOCKS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+COMPUTE_CHOICES = ("input", "fp32", "fp16", "bf16")
+ACCUMULATION_CHOICES = ("fp32", "native")
+NATIVE_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+class UnknownVariant(ValueError):
+    """A family or a parameter that is not in today's search space."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    kind: str  # "torch" | "triton" | "native"
+    space: Mapping[str, tuple]
+    defaults: Mapping[str, Any]
+    templates: tuple[str, ...] = ()
+    autograd: bool = True
+    reasons_fn: Callable[["Call"], list[str]] | None = None
+
+    def reasons(self, call: "Call") -> list[str]:
+        """Why this family cannot serve ``call``; an empty list means it can."""
+        return self.reasons_fn(call) if self.reasons_fn else []
+
+
+def _common_torch_reasons(call: "Call") -> list[str]:
+    out = []
+    if call.q.dtype not in DTYPE_NAMES:
+        out.append(f"dtype {call.q.dtype} is not a floating type this family handles")
+    return out
+
+
+def _inplace_reasons(call: "Call") -> list[str]:
+    out = _common_torch_reasons(call)
+    if call.needs_grad:
+        out.append("inference only: an input requires grad")
+    if call.dropout_p > 0:
+        out.append("inference only: dropout_p > 0")
+    return out
+
+
+def _triton_reasons(call: "Call") -> list[str]:
+    from . import device as _device
+
+    out = []
+    if call.q.device.type != "cuda":
+        out.append(f"Triton kernels run on CUDA/ROCm devices, not {call.q.device.type}")
+    elif not _device.triton_available():
+        out.append("triton is not importable here")
+    if call.q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        out.append(f"dtype {call.q.dtype} has no Triton dot")
+    if max(call.E, call.Ev) > 1024:
+        out.append(f"head dim {max(call.E, call.Ev)} > 1024")
+    if call.dropout_p > 0:
+        out.append("dropout is served by the PyTorch tiers")
+    if call.mask is not None and call.mask.requires_grad:
+        out.append("a float mask that requires grad is served by the PyTorch tiers")
+    return out
+
+
+def _native_reasons(backend: str) -> Callable[["Call"], list[str]]:
+    def reasons(call: "Call") -> list[str]:
+        from . import device as _device
+
+        why = _device.native_backend_reasons(backend, call)
+        return why
+
+    return reasons
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def _register(f: Family) -> Family:
+    FAMILIES[f.name] = f
+    return f
+
+
+_register(Family(
+    name="torch_chunked",
+    kind="torch",
+    space={"block_m": POW2_BLOCKS[1:], "compute": COMPUTE_CHOICES, "accumulation": ACCUMULATION_CHOICES},
+    defaults={"block_m": 256, "compute": "input", "accumulation": "fp32"},
+    templates=("torch/chunked.py.j2",),
+    reasons_fn=_common_torch_reasons,
+))
+_register(Family(
+    name="torch_online",
+    kind="torch",
+    space={"block_m": POW2_BLOCKS[1:], "block_n": POW2_BLOCKS[2:], "compute": COMPUTE_CHOICES,
+           "accumulation": ACCUMULATION_CHOICES},
+    defaults={"block_m": 256, "block_n": 512, "compute": "input", "accumulation": "fp32"},
+    templates=("torch/online.py.j2",),
+    reasons_fn=_common_torch_reasons,
+))
+_register(Family(
+    name="torch_inplace",
+    kind="torch",
+    space={"block_m": POW2_BLOCKS[1:], "compute": COMPUTE_CHOICES, "accumulation": ACCUMULATION_CHOICES},
+    defaults={"block_m": 128, "compute": "input", "accumulation": "fp32"},
+    templates=("torch/inplace.py.j2",),
+    autograd=False,
+    reasons_fn=_inplace_reasons,
+))
+_register(Family(
+    name="triton",
+    kind="triton",
+    space={"BLOCK_M": (16, 32, 64, 128, 256), "BLOCK_N": (16, 32, 64, 128, 256), "BLOCK_D": (0, 64, 128, 256),
+           "num_warps": (2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5), "compute": ("input", "fp16"),
+           "accumulation": ("fp32",)},
+    defaults={"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 0, "num_warps": 8, "num_stages": 3, "compute": "input",
+              "accumulation": "fp32"},
+    templates=("triton/attention_fwd.py.j2", "triton/attention_bwd.py.j2"),
+    reasons_fn=_triton_reasons,
+))
+for _b in NATIVE_BACKENDS:
+    _register(Family(name=f"native:{_b}", kind="native", space={}, defaults={}, reasons_fn=_native_reasons(_b)))
+
+TIER_ORDER = ("torch_chunked", "torch_online", "torch_inplace")
+
+
+def _check_value(family: Family, key: str, value: Any) -> Any:
+    choices = family.space[key]
+    # bool is an int subclass: refuse it where an int belongs, and refuse numeric strings.
+    for c in choices:
+        if type(value) is type(c) and value == c:
+            return c
+    raise UnknownVariant(f"{family.name}: {key}={value!r} is not one of {list(choices)}")
+
+
+class Variant:
+    """One point of a family's search space: ``Variant("torch_online", block_m=128)``.
+
+    Parameters left out take the family's defaults. Anything outside the space raises :class:`UnknownVariant`.
+    """
+
+    __slots__ = ("family", "params", "_key")
+
+    def __init__(self, family: str, **params: Any):
+        if not isinstance(family, str) or family not in FAMILIES:
+            raise UnknownVariant(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
+        fam = FAMILIES[family]
+        unknown = set(params) - set(fam.space)
+        if unknown:
+            raise UnknownVariant(f"{family}: unknown parameter(s) {sorted(unknown)}; known: {sorted(fam.space)}")
+        merged = dict(fam.defaults)
+        for key, value in params.items():
+            merged[key] = _check_value(fam, key, value)
+        object.__setattr__(self, "family", family)
+        object.__setattr__(self, "params", dict(sorted(merged.items())))
+        object.__setattr__(self, "_key", (family, tuple(self.params.items())))
+
+    def __setattr__(self, name, value):  # immutable
+        raise AttributeError("Variant is immutable")
+
+    @property
+    def spec(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    def replace(self, **params: Any) -> "Variant":
+        return Variant(self.family, **{**self.params, **params})
+
+    def to_json(self) -> dict:
+        return {"family": self.family, "params": dict(self.params)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Variant":
+        if not isinstance(data, dict) or set(data) - {"family", "params"}:
+            raise UnknownVariant(f"a variant is {{family, params}}, got {data!r}"[:200])
+        params = data.get("params", {})
+        if not isinstance(params, dict):
+            raise UnknownVariant("variant params must be an object")
+        return cls(data.get("family"), **params)
+
+    def __eq__(self, other):
+        return isinstance(other, Variant) and self._key == other._key
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __repr__(self):
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"Variant({self.family!r}{', ' if inner else ''}{inner})"
+
+    def __str__(self):
+        if not self.params:
+            return self.family
+        return self.family + "(" + ", ".join(f"{k}={v}" for k, v in self.params.items()) + ")"
+
+
+def space_hash() -> str:
+    """A hash of every family's search space: a tuned entry found under another space is re-validated."""
+    blob = json.dumps({n: {k: list(v) for k, v in f.space.items()} for n, f in FAMILIES.items()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def compute_dtype(variant: Variant, input_dtype: torch.dtype) -> torch.dtype:
+    c = variant.params.get("compute", "input")
+    return input_dtype if c == "input" else dtype_from_name(c)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def candidate_space(family: str, call: "Call") -> list[tuple[Variant | None, str]]:
+    """Every point of ``family``'s space for this call, each with the reason it is pruned ('' = kept).
+
+    Pruning is analytic and happens before any launch: a block larger than the next power of two of the sequence
+    adds only padding; a compute dtype narrower than needed for fp32/fp64 input is left to the accuracy check only
+    where it can pay off (half-precision GEMMs on a GPU); an fp16/bf16 cross-cast is kept only for bf16 input.
+    """
+    fam = FAMILIES[family]
+    if not fam.space:
+        return [(Variant(family), "")]
+    keys = list(fam.space)
+    out: list[tuple[Variant | None, str]] = []
+
+    def rec(i: int, chosen: dict):
+        if i == len(keys):
+            v = Variant(family, **chosen)
+            out.append((v, prune_reason(v, call)))
+            return
+        for c in fam.space[keys[i]]:
+            chosen[keys[i]] = c
+            rec(i + 1, chosen)
+        chosen.pop(keys[i], None)
+
+    rec(0, {})
+    return out
+
+
+def prune_reason(v: Variant, call: "Call") -> str:
+    p = v.params
+    L, S = call.L, call.S
+    dt = call.q.dtype
+    on_gpu = call.q.device.type != "cpu"
+    if v.kind == "torch":
+        bm = p["block_m"]
+        if bm > max(_next_pow2(L * call.groups), 32):
+            return f"block_m={bm} exceeds the {L * call.groups} rows per kv head"
+        if "block_n" in p and p["block_n"] > max(_next_pow2(S), 64):
+            return f"block_n={p['block_n']} exceeds S={S}"
+        comp = p["compute"]
+        if comp != "input" and dtype_from_name(comp) == dt:
+            return "compute equals the input dtype (same as 'input')"
+        if dt in (torch.float32, torch.float64) and comp in ("fp16", "bf16"):
+            return f"{comp} compute cannot meet the accuracy rule for {DTYPE_NAMES.get(dt, dt)} input"
+        if dt == torch.float16 and comp == "bf16":
+            return "bf16 compute for fp16 input loses mantissa"
+        if dt == torch.bfloat16 and comp == "fp16" and not on_gpu:
+            return "fp16 compute is only a win on GPUs without a bf16 dot"
+        if comp == "fp32" and dt == torch.float64:
+            return "fp32 compute for fp64 input"
+        cdt = compute_dtype(v, dt)
+        if p["accumulation"] == "native" and cdt in (torch.float32, torch.float64):
+            return "native accumulation equals fp32 for this compute dtype"
+        if p["accumulation"] == "native" and not on_gpu:
+            return "half-precision softmax is slower than fp32 on CPU"
+        if cdt in (torch.float16, torch.bfloat16) and not on_gpu and dt != cdt:
+            return "half-precision GEMMs are slower than fp32 on CPU"
+        return ""
+    if v.kind == "triton":
+        from .device import triton_prune_reason
+
+        return triton_prune_reason(v, call)
+    return ""

@@ -1,0 +1,338 @@
+"""noflash-tune's SDPA follows native's contract: shapes, broadcasting, masks, causal, scale, GQA, dropout,
+gradients, and the same exception classes for bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import noflash_tune
+from noflash_tune import Variant
+from noflash_tune.measure import check_accuracy
+from noflash_tune.runtime.native import original_sdpa
+
+TIERS = ["torch_chunked", "torch_online", "torch_inplace"]
+
+
+def native_math(*args, **kwargs):
+    with sdpa_kernel([SDPBackend.MATH]):
+        return original_sdpa(*args, **kwargs)
+
+
+def ours_forced(monkeypatch):
+    monkeypatch.setenv("NOFLASH_TUNE_FORCE", "1")
+    noflash_tune.clear_cache()
+    return noflash_tune.scaled_dot_product_attention
+
+
+def _mask(kind, shape, dtype, gen):
+    if kind == "bool":
+        m = torch.rand(shape, generator=gen) > 0.3
+        return m
+    m = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+    return m.masked_fill(torch.rand(shape, generator=gen) < 0.2, float("-inf"))
+
+
+MASK_SHAPES = ["LS", "S", "1LS", "B1LS", "B11S", "BHLS", "11LS"]
+
+
+def _mask_shape(pattern, B, H, L, S):
+    dims = {"B": B, "H": H, "L": L, "S": S, "1": 1}
+    return tuple(dims[c] for c in pattern)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 3]),
+    L=st.integers(1, 67), S=st.integers(1, 71), E=st.sampled_from([8, 16, 40, 64, 96, 200, 512]),
+    ev_differs=st.booleans(), mask=st.sampled_from(["none", "bool", "float"]),
+    mask_shape=st.sampled_from(MASK_SHAPES), causal=st.booleans(), grads=st.booleans(),
+    tier=st.sampled_from(TIERS), block=st.sampled_from([32, 64]), seed=st.integers(0, 2**16),
+    scale=st.sampled_from([None, 0.3, -0.7]),
+)
+def test_tiers_match_math_under_the_2x_rule(B, Hkv, groups, L, S, E, ev_differs, mask, mask_shape, causal, grads,
+                                             tier, block, seed, scale):
+    if causal and mask != "none":
+        causal = False
+    if tier == "torch_inplace":
+        grads = False
+    gen = torch.Generator().manual_seed(seed)
+    H = Hkv * groups
+    Ev = E // 2 if ev_differs else E
+    dt = torch.float64 if grads else torch.float32
+    q = torch.randn(B, H, L, E, generator=gen, dtype=dt)
+    k = torch.randn(B, Hkv, S, E, generator=gen, dtype=dt)
+    v = torch.randn(B, Hkv, S, Ev, generator=gen, dtype=dt)
+    m = None if mask == "none" else _mask(mask, _mask_shape(mask_shape, B, H, L, S), dt, gen)
+    if m is not None and m.dtype != torch.bool and grads:
+        m.requires_grad_(True)
+    variant = Variant(tier, block_m=block)
+    if tier == "torch_online":
+        variant = variant.replace(block_n=64)
+
+    def run(q, k, v, **kw):
+        return noflash_tune.attention(q, k, v, variant=variant, **kw)
+
+    acc = check_accuracy(run, q, k, v, m, causal=causal, scale=scale, enable_gqa=groups > 1, grads=grads)
+    assert acc.ok, str(acc)
+    out = run(q, k, v, attn_mask=m, is_causal=causal, scale=scale, enable_gqa=groups > 1)
+    ref = native_math(q, k, v, attn_mask=m, is_causal=causal, scale=scale, enable_gqa=groups > 1)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("dtype,compute,accumulation", [
+    (torch.float32, "input", "fp32"), (torch.bfloat16, "input", "fp32"), (torch.bfloat16, "input", "native"),
+    (torch.float16, "input", "fp32"), (torch.bfloat16, "fp32", "fp32"), (torch.bfloat16, "fp16", "fp32"),
+    (torch.float16, "input", "native"),
+])
+def test_each_tier_and_accumulation(tier, dtype, compute, accumulation):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 77, 64, generator=gen).to(dtype)
+    k = torch.randn(2, 2, 93, 64, generator=gen).to(dtype)
+    v = torch.randn(2, 2, 93, 48, generator=gen).to(dtype)
+    variant = Variant(tier, block_m=32, compute=compute, accumulation=accumulation)
+
+    def run(q, k, v, **kw):
+        return noflash_tune.attention(q, k, v, variant=variant, **kw)
+
+    for causal in (False, True):
+        acc = check_accuracy(run, q, k, v, None, causal=causal, enable_gqa=True, grads=tier != "torch_inplace")
+        assert acc.ok, f"{variant} causal={causal}: {acc}"
+
+
+@pytest.mark.parametrize("shapes", [
+    ((7, 16), (9, 16), (9, 8)),  # 2-D
+    ((3, 7, 16), (3, 9, 16), (3, 9, 16)),  # 3-D
+    ((2, 3, 4, 7, 16), (2, 3, 4, 9, 16), (2, 3, 4, 9, 16)),  # 5-D
+    ((2, 4, 7, 16), (1, 4, 9, 16), (1, 4, 9, 16)),  # batch broadcast of k/v
+    ((2, 4, 7, 16), (2, 1, 9, 16), (2, 1, 9, 16)),  # head broadcast without GQA
+    ((2, 4, 7, 16), (4, 9, 16), (4, 9, 16)),  # 3-D k/v with 4-D q
+    ((1, 4, 7, 16), (3, 4, 9, 16), (3, 4, 9, 16)),  # q broadcast to k's batch
+])
+def test_shapes_and_broadcasting_match_native(clean_runtime, shapes):
+    sdpa = ours_forced(clean_runtime)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes)
+    out = sdpa(q, k, v)
+    ref = native_math(q, k, v)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref)
+    out_c = sdpa(q, k, v, is_causal=True)
+    torch.testing.assert_close(out_c, native_math(q, k, v, is_causal=True))
+
+
+def test_noncontiguous_and_strided_inputs(clean_runtime):
+    sdpa = ours_forced(clean_runtime)
+    x = torch.randn(2, 11, 4, 32, dtype=torch.float64)
+    q = x.transpose(1, 2)  # BLHD layout as HF passes it
+    k = torch.randn(2, 4, 13, 64, dtype=torch.float64)[..., ::2]  # last-dim stride 2
+    v = torch.randn(1, 4, 13, 16, dtype=torch.float64).expand(2, 4, 13, 16)  # stride-0 batch
+    torch.testing.assert_close(sdpa(q, k, v), native_math(q, k, v))
+
+
+def test_gqa_without_repeating_kv_matches_native(clean_runtime):
+    sdpa = ours_forced(clean_runtime)
+    q = torch.randn(2, 8, 33, 16, dtype=torch.float64)
+    k = torch.randn(2, 2, 41, 16, dtype=torch.float64)
+    v = torch.randn(2, 2, 41, 24, dtype=torch.float64)
+    for causal in (False, True):
+        torch.testing.assert_close(sdpa(q, k, v, is_causal=causal, enable_gqa=True),
+                                   native_math(q, k, v, is_causal=causal, enable_gqa=True))
+    # k and v with different head counts (math accepts it)
+    v2 = torch.randn(2, 4, 41, 24, dtype=torch.float64)
+    torch.testing.assert_close(sdpa(q, k, v2, enable_gqa=True), native_math(q, k, v2, enable_gqa=True))
+
+
+def test_causal_is_top_left_when_lengths_differ(clean_runtime):
+    sdpa = ours_forced(clean_runtime)
+    q = torch.randn(1, 2, 1, 8, dtype=torch.float64)
+    k = torch.randn(1, 2, 7, 8, dtype=torch.float64)
+    v = torch.randn(1, 2, 7, 8, dtype=torch.float64)
+    out = sdpa(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, v[:, :, :1])  # the single query sees key 0 only
+    q2 = torch.randn(1, 2, 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(sdpa(q2, k, v, is_causal=True), native_math(q2, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("tier", ["torch_chunked", "torch_online"])
+def test_fully_masked_rows_give_zeros_and_zero_grads(tier):
+    q = torch.randn(1, 2, 6, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    bool_mask = torch.ones(6, 5, dtype=torch.bool)
+    bool_mask[2] = False
+    float_mask = torch.zeros(6, 5, dtype=torch.float64).masked_fill(~bool_mask, float("-inf"))
+    for m in (bool_mask, float_mask):
+        out = noflash_tune.attention(q, k, v, variant=Variant(tier, block_m=32), attn_mask=m)
+        ref = native_math(q, k, v, attn_mask=m)
+        torch.testing.assert_close(out, ref)
+        assert torch.all(out[:, :, 2] == 0)
+        gq, = torch.autograd.grad(out.sum(), q)
+        assert torch.all(gq[:, :, 2] == 0) and not torch.isnan(gq).any()
+
+
+def test_scale_zero_and_negative(clean_runtime):
+    sdpa = ours_forced(clean_runtime)
+    q, k, v = (torch.randn(1, 2, 9, 16, dtype=torch.float64) for _ in range(3))
+    for scale in (0.0, -0.7, 2.5):
+        torch.testing.assert_close(sdpa(q, k, v, scale=scale), native_math(q, k, v, scale=scale))
+
+
+def test_empty_inputs_give_zeros_connected_to_autograd(clean_runtime):
+    sdpa = ours_forced(clean_runtime)
+    q = torch.randn(2, 3, 5, 8, requires_grad=True)
+    k = torch.randn(2, 3, 0, 8, requires_grad=True)
+    v = torch.randn(2, 3, 0, 4, requires_grad=True)
+    out = sdpa(q, k, v)
+    assert out.shape == (2, 3, 5, 4) and torch.all(out == 0)
+    out.sum().backward()
+    assert torch.all(q.grad == 0)
+    assert sdpa(torch.randn(0, 3, 5, 8), torch.randn(0, 3, 4, 8), torch.randn(0, 3, 4, 8)).shape == (0, 3, 5, 8)
+    assert sdpa(torch.randn(2, 3, 0, 8), torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8)).shape == (2, 3, 0, 8)
+
+
+def test_dropout_has_native_training_semantics(clean_runtime):
+    """Dropout is applied whenever p > 0 (as native), keeps the expectation, and drops about p of the weights."""
+    sdpa = ours_forced(clean_runtime)
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    v = torch.eye(64).expand(1, 2, 64, 64)  # out = the (dropped-out) attention weights themselves
+    p = 0.3
+    with torch.no_grad():
+        w = sdpa(q, k, v, dropout_p=p)
+        clean = native_math(q, k, v)
+    dropped = (w == 0).float().mean().item()
+    assert abs(dropped - p) < 0.02
+    kept = w != 0
+    torch.testing.assert_close(w[kept], clean[kept] / (1 - p))
+    mean = sum(sdpa(q, k, torch.randn(1, 2, 64, 8).fill_(1.0), dropout_p=p) for _ in range(300)) / 300
+    assert (mean - 1.0).abs().mean().item() < 0.03
+    # same seed, same result; p == 1 gives zeros like math
+    torch.manual_seed(7)
+    a = sdpa(q, k, v, dropout_p=p)
+    torch.manual_seed(7)
+    b = sdpa(q, k, v, dropout_p=p)
+    assert torch.equal(a, b)
+    assert torch.all(sdpa(q, k, v, dropout_p=1.0) == 0)
+
+
+def test_dropout_gradients_match_the_same_mask():
+    """Backward regenerates exactly the forward's keep-mask: gradcheck passes with dropout on."""
+    q, k, v = (torch.randn(1, 2, 19, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for tier in ("torch_chunked", "torch_online"):
+        variant = Variant(tier, block_m=32) if tier == "torch_chunked" else Variant(tier, block_m=32, block_n=64)
+
+        def f(q, k, v):
+            torch.manual_seed(11)
+            return noflash_tune.attention(q, k, v, variant=variant, dropout_p=0.4)
+
+        assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_float_mask_receives_gradients(clean_runtime):
+    sdpa = ours_forced(clean_runtime)
+    q, k, v = (torch.randn(2, 2, 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    m = torch.randn(2, 1, 9, 9, dtype=torch.float64, requires_grad=True)
+    g1 = torch.autograd.grad(sdpa(q, k, v, attn_mask=m).square().sum(), (q, k, v, m))
+    g2 = torch.autograd.grad(native_math(q, k, v, attn_mask=m).square().sum(), (q, k, v, m))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_autocast_casts_like_native(clean_runtime):
+    sdpa = ours_forced(clean_runtime)
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa(q, k, v)
+        ref = F.scaled_dot_product_attention(q, k, v) if not noflash_tune.is_enabled() else original_sdpa(q, k, v)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sdpa(q.double(), k.double(), v.double()).dtype == torch.float64
+
+
+def test_nested_and_causal_bias_go_to_native(clean_runtime):
+    from torch.nn.attention.bias import causal_lower_right
+
+    sdpa = ours_forced(clean_runtime)
+    q = torch.randn(1, 2, 4, 8)
+    k = torch.randn(1, 2, 6, 8)
+    v = torch.randn(1, 2, 6, 8)
+    bias = causal_lower_right(4, 6)
+    torch.testing.assert_close(sdpa(q, k, v, attn_mask=bias), original_sdpa(q, k, v, attn_mask=bias))
+
+
+# --- bad inputs: the same exception class as native ---------------------------------------------------------
+
+def _bad_cases():
+    f = torch.randn
+    return {
+        "mismatched dtypes": ((f(1, 2, 4, 8), f(1, 2, 4, 8).half(), f(1, 2, 4, 8)), {}),
+        "1-D query": ((f(8), f(4, 8), f(4, 8)), {}),
+        "E differs between q and k": ((f(1, 2, 4, 16), f(1, 2, 4, 8), f(1, 2, 4, 8)), {}),
+        "k and v lengths differ": ((f(1, 2, 4, 8), f(1, 2, 7, 8), f(1, 2, 6, 8)), {}),
+        "mask of wrong shape": ((f(1, 2, 4, 8), f(1, 2, 7, 8), f(1, 2, 7, 8)),
+                                {"attn_mask": torch.ones(4, 8, dtype=torch.bool)}),
+        "mask enlarging the scores": ((f(1, 2, 4, 8), f(1, 2, 7, 8), f(1, 2, 7, 8)),
+                                      {"attn_mask": torch.ones(2, 1, 2, 4, 7, dtype=torch.bool)}),
+        "mask of wrong dtype": ((f(1, 2, 4, 8), f(1, 2, 7, 8), f(1, 2, 7, 8)),
+                                {"attn_mask": torch.ones(4, 7, dtype=torch.float64)}),
+        "integer mask": ((f(1, 2, 4, 8), f(1, 2, 7, 8), f(1, 2, 7, 8)),
+                         {"attn_mask": torch.ones(4, 7, dtype=torch.int64)}),
+        "mask with is_causal": ((f(1, 2, 4, 8), f(1, 2, 7, 8), f(1, 2, 7, 8)),
+                                {"attn_mask": torch.ones(4, 7, dtype=torch.bool), "is_causal": True}),
+        "heads not divisible": ((f(1, 4, 4, 8), f(1, 3, 7, 8), f(1, 3, 7, 8)), {"enable_gqa": True}),
+        "dropout above 1": ((f(1, 2, 4, 8), f(1, 2, 7, 8), f(1, 2, 7, 8)), {"dropout_p": 1.5}),
+        "negative dropout": ((f(1, 2, 4, 8), f(1, 2, 7, 8), f(1, 2, 7, 8)), {"dropout_p": -0.1}),
+        "NaN dropout": ((f(1, 2, 4, 8), f(1, 2, 7, 8), f(1, 2, 7, 8)), {"dropout_p": float("nan")}),
+        "batch not broadcastable": ((f(2, 2, 4, 8), f(3, 2, 7, 8), f(3, 2, 7, 8)), {}),
+        "mask on another device": ((f(1, 2, 4, 8), f(1, 2, 7, 8), f(1, 2, 7, 8)),
+                                   {"attn_mask": torch.ones(4, 7, dtype=torch.bool, device="meta")}),
+    }
+
+
+BAD = _bad_cases()
+# Where native's own classes are inconsistent, our decisions (contract notes) make these RuntimeError too.
+EXPECTED = {name: RuntimeError for name in BAD}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input_raises_like_native(clean_runtime, name):
+    sdpa = ours_forced(clean_runtime)
+    args, kwargs = BAD[name]
+    with pytest.raises(EXPECTED[name]) as ours:
+        sdpa(*args, **kwargs)
+    assert len(str(ours.value)) > 20
+    if name not in ("k and v lengths differ", "negative dropout", "NaN dropout", "mask on another device"):
+        with pytest.raises(EXPECTED[name]):  # native's math path raises the same class
+            native_math(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    ({"is_causal": 1}, TypeError), ({"enable_gqa": 1}, TypeError), ({"attn_mask": [[True]]}, TypeError),
+])
+def test_bad_argument_types(clean_runtime, kwargs, exc):
+    sdpa = ours_forced(clean_runtime)
+    q = torch.randn(1, 1, 1, 4)
+    with pytest.raises(exc):
+        sdpa(q, q, q, **kwargs)
+    with pytest.raises(exc):
+        original_sdpa(q, q, q, **kwargs)
+
+
+def test_gqa_needs_a_heads_dim(clean_runtime):
+    sdpa = ours_forced(clean_runtime)
+    q = torch.randn(4, 8)
+    with pytest.raises(IndexError):
+        sdpa(q, q, q, enable_gqa=True)
+    with pytest.raises(IndexError):
+        native_math(q, q, q, enable_gqa=True)
+
+
+def test_positional_scale_is_a_type_error():
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(TypeError):
+        noflash_tune.scaled_dot_product_attention(q, q, q, None, 0.0, False, 0.5)
