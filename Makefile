@@ -13,7 +13,7 @@ TUNE_FLAGS ?=
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)" -c constraints.txt
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt hatchling
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt hatchling editables
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation -c constraints.txt -e '.[test]'
 	touch $@
 
