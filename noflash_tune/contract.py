@@ -202,35 +202,43 @@ def normalize(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
         if groups == 1:
             enable_gqa = False
 
-    # Leading dims: the last one before (L, E) is heads, the rest is batch. Pad ranks to one length.
-    nd = max(q.dim(), k.dim(), v.dim(), 3)
-    q = q.reshape((1,) * (nd - q.dim()) + tuple(q.shape)) if q.dim() < nd else q
-    k = k.reshape((1,) * (nd - k.dim()) + tuple(k.shape)) if k.dim() < nd else k
-    v = v.reshape((1,) * (nd - v.dim()) + tuple(v.shape)) if v.dim() < nd else v
-    batch = _broadcast([q.shape[:-3], k.shape[:-3], v.shape[:-3]], "batch dims")
-    hq = q.size(-3)
-    if groups > 1:
-        hkv = k.size(-3)
-        heads = hq
+    if q.dim() == k.dim() == v.dim() == 4 and q.shape[0] == k.shape[0] == v.shape[0] \
+            and k.shape[1] == v.shape[1] and (q.shape[1] == k.shape[1] or groups > 1):
+        # The common case (4-D, equal batch, equal or GQA heads): no broadcasting, the tensors are the views.
+        batch, heads = (q.shape[0],), q.shape[1]
+        out_batch = (batch[0], heads)
+        out_shape = (batch[0], heads, L, Ev)
+        q4, k4, v4 = q, k, v
     else:
-        heads = _broadcast([(hq,), (k.size(-3),), (v.size(-3),)], "head dims")[0]
-        hq, hkv = heads, heads
-    out_batch = batch + (heads,)
-    # The user's output rank: native returns (*broadcast(leading dims), L, Ev).
-    user_lead = max(query.dim(), key.dim(), value.dim()) - 2
-    out_shape = out_batch[len(out_batch) - user_lead:] + (L, Ev) if user_lead else (L, Ev)
+        # Leading dims: the last one before (L, E) is heads, the rest is batch. Pad ranks to one length.
+        nd = max(q.dim(), k.dim(), v.dim(), 3)
+        q = q.reshape((1,) * (nd - q.dim()) + tuple(q.shape)) if q.dim() < nd else q
+        k = k.reshape((1,) * (nd - k.dim()) + tuple(k.shape)) if k.dim() < nd else k
+        v = v.reshape((1,) * (nd - v.dim()) + tuple(v.shape)) if v.dim() < nd else v
+        batch = _broadcast([q.shape[:-3], k.shape[:-3], v.shape[:-3]], "batch dims")
+        hq = q.size(-3)
+        if groups > 1:
+            hkv = k.size(-3)
+            heads = hq
+        else:
+            heads = _broadcast([(hq,), (k.size(-3),), (v.size(-3),)], "head dims")[0]
+            hq, hkv = heads, heads
+        out_batch = batch + (heads,)
+        # The user's output rank: native returns (*broadcast(leading dims), L, Ev).
+        user_lead = max(query.dim(), key.dim(), value.dim()) - 2
+        out_shape = out_batch[len(out_batch) - user_lead:] + (L, Ev) if user_lead else (L, Ev)
 
-    def to4(t: Tensor, h: int, last: int, rows: int) -> Tensor:
-        t = t.expand(*batch, h, rows, last)
-        if len(batch) == 1:
-            return t
-        if len(batch) == 0:
-            return t.unsqueeze(0)
-        return t.reshape(-1, h, rows, last)  # more than one batch dim: may copy an expanded tensor
+        def to4(t: Tensor, h: int, last: int, rows: int) -> Tensor:
+            t = t.expand(*batch, h, rows, last)
+            if len(batch) == 1:
+                return t
+            if len(batch) == 0:
+                return t.unsqueeze(0)
+            return t.reshape(-1, h, rows, last)  # more than one batch dim: may copy an expanded tensor
 
-    q4 = to4(q, hq, E, L)
-    k4 = to4(k, hkv, E, S)
-    v4 = to4(v, hkv, Ev, S)
+        q4 = to4(q, hq, E, L)
+        k4 = to4(k, hkv, E, S)
+        v4 = to4(v, hkv, Ev, S)
 
     mask4 = None
     kind = "none"

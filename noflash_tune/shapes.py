@@ -83,6 +83,8 @@ class Shape:
             val = getattr(self, name)
             if type(val) is not int or val < 0 or val > 1 << 22:
                 raise ValueError(f"Shape.{name} must be a non-negative int, got {val!r}")
+        if self.B < 1 or self.H < 1 or self.L < 1 or self.E < 1:
+            raise ValueError(f"Shape needs B, H, L and E of at least 1, got {self}")
         if not self.Hkv:
             object.__setattr__(self, "Hkv", self.H)
         if not self.S:

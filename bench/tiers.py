@@ -1,0 +1,174 @@
+"""The PyTorch tiers against native SDPA and noflash-attention 1.0.1's tier 1 (its query-chunked function).
+
+    python bench/tiers.py --device cpu                       # issue figures on this CPU (fp32, B=1, H=8, D=64)
+    python bench/tiers.py --device cuda --dtype bf16 --native math --sizes 4096,8192,16384
+
+For each shape it takes our best tier variant (the tuned entry if one exists, else a short sweep of block sizes
+measured here), native SDPA (its own choice, or pinned with --native), and noflash-attention's `chunked_sdpa`;
+it reports median time and peak extra memory, and the per-call dispatch overhead at a decode shape. The table is
+printed last; --out writes the rows as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NOFLASH_FORCE_PATCH", "1")  # noflash-attention: let us call its function directly
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import Progress  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import noflash_tune  # noqa: E402
+from noflash_tune import contract, measure  # noqa: E402
+from noflash_tune.runtime import dispatch, fallback  # noqa: E402
+from noflash_tune.runtime.native import original_sdpa, pinned  # noqa: E402
+from noflash_tune.shapes import Shape  # noqa: E402
+from noflash_tune.variants import Variant  # noqa: E402
+
+SWEEP = [Variant("torch_chunked", block_m=m) for m in (32, 64, 128, 256)] + \
+        [Variant("torch_online", block_m=m, block_n=n) for m in (64, 128, 256) for n in (256, 1024)] + \
+        [Variant("torch_inplace", block_m=m) for m in (32, 64, 128)]
+
+
+def noflash_t1():
+    try:
+        from noflash_attention.patch import chunked_sdpa
+    except Exception:  # noqa: BLE001
+        return None
+    return chunked_sdpa
+
+
+def best_variant(shape: Shape, device: str, progress, task) -> tuple[Variant, str]:
+    """The tuned winner if one exists for this bucket, else the fastest of a short sweep measured here."""
+    q, k, v, m = shape.make_inputs(device)
+    call = contract.normalize(q, k, v, m, 0.0, shape.causal, None, False)
+    cs = dispatch.configs_for(torch.device(device))
+    found = cs.lookup(call_bucket(call)) if cs is not None else None
+    if found is not None and found[0].winner.kind == "torch":
+        return found[0].winner, f"tuned ({found[1]})"
+    best, best_ms = None, float("inf")
+    for var in SWEEP:
+        if var.params["block_m"] > shape.L:
+            continue
+        try:
+            ms = measure.time_fn(measure.make_runner(var, shape, device), device, 60.0).ms
+        except Exception:  # noqa: BLE001
+            continue
+        if ms < best_ms:
+            best, best_ms = var, ms
+        progress.advance(task, 0)
+    return best, "swept here"
+
+
+def call_bucket(call):
+    from noflash_tune.shapes import Bucket
+
+    return Bucket.of(call)
+
+
+def dispatch_overhead_us(device: str, dtype: str) -> tuple[float, float]:
+    """Per-call overhead of the patched SDPA at a decode shape (L=1, S=4096): dispatched minus direct."""
+    shape = Shape(B=1, H=32, Hkv=8, L=1, S=4096, E=128, dtype=dtype)
+    q, k, v, _ = shape.make_inputs(device)
+    os.environ["NOFLASH_TUNE_FORCE"] = "1"
+    dispatch.clear_cache()
+    try:
+        call = contract.normalize(q, k, v, None, 0.0, False, None, True)
+        plan = dispatch.plan_for(call)
+
+        def direct():
+            return fallback.run_variant(plan.variant, call)
+
+        def dispatched():
+            return noflash_tune.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        with torch.no_grad():
+            t_direct = measure.time_fn(direct, device, 300.0).ms
+            t_disp = measure.time_fn(dispatched, device, 300.0).ms
+        # The pure decision cost, free of kernel-time noise: validate + bucket + cached plan lookup.
+        from torch.utils import benchmark
+
+        t_plan = benchmark.Timer(
+            stmt="dispatch.plan_for(contract.normalize(q, k, v, None, 0.0, False, None, True))",
+            globals={"dispatch": dispatch, "contract": contract, "q": q, "k": k, "v": v}).blocked_autorange(
+            min_run_time=0.3).median * 1e6
+    finally:
+        os.environ.pop("NOFLASH_TUNE_FORCE", None)
+        dispatch.clear_cache()
+    return (t_disp - t_direct) * 1000.0, t_plan
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    ap.add_argument("--sizes", default="1024,2048,4096")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--native", default=None, help="pin native SDPA to this backend (e.g. math)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = args.device
+    t1 = noflash_t1()
+    rows = []
+    sizes = [int(s) for s in args.sizes.split(",")]
+    shapes = [Shape(B=args.batch, H=args.heads, L=n, E=args.head_dim, dtype=args.dtype, causal=c)
+              for n in sizes for c in (False, True)]
+    console = Console(width=160)
+    with Progress(console=console) as progress:
+        task = progress.add_task("shapes", total=len(shapes))
+        for shape in shapes:
+            q, k, v, _ = shape.make_inputs(dev)
+            var, how = best_variant(shape, dev, progress, task)
+            ours = measure.make_runner(var, shape, dev)
+
+            def native():
+                with torch.no_grad(), pinned(args.native):
+                    return original_sdpa(q, k, v, is_causal=shape.causal)
+
+            impls = {f"ours: {var}": ours, f"native{':' + args.native if args.native else ''}": native}
+            if t1 is not None:
+                impls["noflash-attention T1"] = lambda: t1(q, k, v, is_causal=shape.causal)
+            res = {}
+            for name, fn in impls.items():
+                try:
+                    with torch.no_grad():
+                        t = measure.time_fn(fn, dev, 400.0)
+                        peak = measure.peak_extra_bytes(fn, dev)
+                    res[name] = (t.ms, peak)
+                except Exception as exc:  # noqa: BLE001
+                    res[name] = (float("nan"), None)
+                    console.print(f"{shape.label()} {name}: {type(exc).__name__}: {str(exc)[:120]}")
+            rows.append({"shape": shape.label(), "how": how, "results": {
+                k2: {"ms": ms, "peak_mib": None if p is None else p / 2**20} for k2, (ms, p) in res.items()}})
+            progress.advance(task)
+    overhead_us, plan_us = dispatch_overhead_us(dev, args.dtype)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"device": str(dev), "torch": torch.__version__, "rows": rows,
+                                              "dispatch_overhead_us": overhead_us, "plan_us": plan_us}, indent=1))
+    table = Table(title=f"PyTorch tiers on {dev} ({torch.__version__}), {args.dtype}, B={args.batch} "
+                        f"H={args.heads} D={args.head_dim}")
+    for col in ("shape", "implementation", "ms", "peak MiB", "vs noflash T1"):
+        table.add_column(col, justify="left" if col in ("shape", "implementation") else "right")
+    for row in rows:
+        base = row["results"].get("noflash-attention T1", {}).get("ms")
+        for name, r in row["results"].items():
+            speed = f"{base / r['ms']:.2f}x" if base and r["ms"] == r["ms"] and r["ms"] > 0 else "-"
+            table.add_row(row["shape"], name + (f" [{row['how']}]" if name.startswith("ours") else ""),
+                          f"{r['ms']:.2f}", "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}", speed)
+    console.print(f"dispatch overhead at decode (L=1, S=4096, GQA 32/8, D=128): {overhead_us:.1f} us per call "
+                  f"(validate + cached plan lookup alone: {plan_us:.1f} us)")
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

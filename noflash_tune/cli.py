@@ -1,0 +1,325 @@
+"""``noflash-tune``: tune this machine, and show / export / import / verify / explain its tuned configs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+
+class CliError(Exception):
+    pass
+
+
+def _device_for(gpu: str) -> str:
+    """Map ``--gpu`` to a torch device, checking that ARCH names this machine's device."""
+    import torch
+
+    from . import device as devmod
+
+    if gpu == "cpu":
+        return "cpu"
+    if gpu == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    here_gpu = devmod.device_key("cuda") if torch.cuda.is_available() else None
+    here_cpu = devmod.device_key("cpu")
+    if gpu == here_gpu:
+        return "cuda"
+    if gpu == here_cpu:
+        return "cpu"
+    raise CliError(f"--gpu {gpu} does not match this machine: its GPU is {here_gpu or 'absent'} and its CPU is "
+                   f"{here_cpu}. Use --gpu auto, --gpu cpu, or the key of this device.")
+
+
+def _parse_gib(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        gib = float(text)
+    except ValueError:
+        raise CliError(f"--vram-cap takes GiB as a number, got {text!r}") from None
+    if gib <= 0:
+        raise CliError("--vram-cap must be positive")
+    return int(gib * 2**30)
+
+
+def _default_cap(dev: str) -> int:
+    from . import device as devmod
+
+    return int(0.9 * devmod.free_memory_bytes(dev))
+
+
+def _load_shapes(spec: str, dev: str, dtype: str | None):
+    from dataclasses import replace
+
+    from .shapes import load_shapes
+
+    import torch
+
+    shapes = load_shapes(spec, torch.device(dev).type)
+    if dtype:
+        shapes = [replace(s, dtype=dtype) for s in shapes]
+    return shapes
+
+
+def winners_table(entries, title: str) -> Table:
+    table = Table(title=title, show_lines=False)
+    for col in ("bucket", "winner", "ms", "TFLOP/s", "peak MiB", "native best", "speed-up", "stale"):
+        table.add_column(col, justify="right" if col in ("ms", "TFLOP/s", "peak MiB", "speed-up") else "left")
+    for e in entries:
+        nat = e.native
+        speed = f"{nat[1] / e.ms:.2f}x" if nat and e.ms > 0 else "-"
+        table.add_row(e.bucket.key, str(e.winner), f"{e.ms:.3f}", f"{e.tflops:.2f}", f"{e.peak_mib:.1f}",
+                      f"{nat[0]} {nat[1]:.3f} ms" if nat else "-", speed, e.stale or "")
+    return table
+
+
+# --- subcommands ------------------------------------------------------------------------------------------
+
+def cmd_tune(args) -> int:
+    import torch
+
+    from . import configs, device as devmod, tuner
+    from .paths import user_config_dir
+    from .runtime import clear_cache
+
+    dev = _device_for(args.gpu)
+    key = devmod.device_key(dev)
+    shapes = _load_shapes(args.shapes, dev, args.dtype)
+    cap = _parse_gib(args.vram_cap) or _default_cap(dev)
+    opts = tuner.TuneOptions(device=dev, vram_cap_bytes=cap, trials=args.trials, time_budget_s=args.time_budget,
+                             storage=args.storage, in_process=args.in_process, budget_ms=args.measure_ms)
+    out_dir = Path(args.out) if args.out else user_config_dir()
+    console.print(f"noflash-tune: tuning [bold]{key}[/] ({devmod.device_name(dev)}), {len(shapes)} shapes, "
+                  f"VRAM cap {cap / 2**30:.1f} GiB, storage {opts.storage or tuner.default_storage_url()}")
+    if args.workers and args.workers > 1:
+        results = tuner.tune_parallel(shapes, opts, args.workers, console=console)
+    else:
+        results = tuner.tune(shapes, opts, console=console)
+    doc = tuner.results_to_config(results, opts)
+    cfg = configs.parse(doc)
+    path = out_dir / f"{key}.json"
+    configs.write_file(path, cfg, merge=True)
+    clear_cache()
+    console.print(winners_table(sorted(cfg.entries.values(), key=lambda e: e.key),
+                                f"tuned winners on {key} ({torch.__version__}), written to {path}"))
+    counts = {}
+    for r in results:
+        for k2, n in r.counts.items():
+            counts[k2] = counts.get(k2, 0) + n
+    console.print("trials: " + ", ".join(f"{k2} {n}" for k2, n in sorted(counts.items())) +
+                  f"; wall time {sum(r.seconds for r in results):.0f} s")
+    return 0
+
+
+def _configset(args):
+    from . import configs, device as devmod
+
+    key = args.device or devmod.device_key(None)
+    dirs = [Path(d) for d in args.dir] if getattr(args, "dir", None) else None
+    return key, configs.load_for_device(key, dirs)
+
+
+def cmd_show(args) -> int:
+    key, cs = _configset(args)
+    if not cs.entries:
+        console.print(f"no tuned configs for {key} (looked in: {', '.join(map(str, cs.searched))})"
+                      if hasattr(cs, "searched") else f"no tuned configs for {key}")
+        for path, why in cs.skipped:
+            console.print(f"skipped {path}: {why}")
+        return 0
+    console.print(winners_table(sorted(cs.entries, key=lambda e: e.key), f"tuned configs for {key}"))
+    console.print("files: " + ", ".join(str(p) for p in cs.files))
+    stale = [e for e in cs.entries if e.stale]
+    if stale:
+        console.print(f"[yellow]{len(stale)} stale entries[/] (served, but re-tune or `noflash-tune verify`)")
+    for path, why in cs.skipped:
+        console.print(f"[red]skipped[/] {path}: {why}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from . import configs
+
+    from . import device as devmod
+
+    key = args.device or devmod.device_key(None)
+    report = configs.export(key, Path(args.out), [Path(d) for d in args.dir] if args.dir else None)
+    console.print(str(report))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from . import configs
+
+    try:
+        report = configs.import_file(Path(args.file), Path(args.to) if args.to else None)
+    except configs.ConfigError as exc:
+        err.print(f"noflash-tune: refused {args.file}: {exc}")
+        return 1
+    console.print(str(report))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from . import configs, tuner
+
+    cfg = configs.load_file(Path(args.file))
+    dev = _device_for(args.gpu)
+    opts = tuner.TuneOptions(device=dev, in_process=args.in_process, budget_ms=args.measure_ms)
+    table = Table(title=f"verify {args.file} on {dev}")
+    for col in ("bucket", "winner", "tuned ms", "here ms", "drift", "best here", "verdict"):
+        table.add_column(col)
+    flagged = 0
+    for e in sorted(cfg.entries.values(), key=lambda e: e.key):
+        runner = tuner.TrialRunner(dev, in_process=opts.in_process)
+        budget = opts.budget_ms or 150.0
+        try:
+            res = runner.run(e.winner, e.shape, None, budget)
+            rivals = {}
+            for v, _ in e.runners_up:
+                r = runner.run(v, e.shape, None, budget)
+                if r["status"] == "ok":
+                    rivals[str(v)] = r["ms"]
+            if e.native:
+                from .variants import Variant
+
+                r = runner.run(Variant(f"native:{e.native[0]}"), e.shape, None, budget)
+                if r["status"] == "ok":
+                    rivals[f"native:{e.native[0]}"] = r["ms"]
+        finally:
+            runner.close()
+        if res["status"] != "ok":
+            table.add_row(e.key, str(e.winner), f"{e.ms:.3f}", "-", "-", "-", f"[red]{res['status']}[/]")
+            flagged += 1
+            continue
+        here = res["ms"]
+        drift = here / e.ms - 1 if e.ms else 0.0
+        best = min(rivals.items(), key=lambda kv: kv[1]) if rivals else None
+        verdict = "ok"
+        if abs(drift) > 0.10:
+            verdict = f"[yellow]{drift:+.0%} off[/]"
+        if best and best[1] < here:
+            verdict = f"[red]no longer the winner[/] ({best[0]})"
+        flagged += verdict != "ok"
+        table.add_row(e.key, str(e.winner), f"{e.ms:.3f}", f"{here:.3f}", f"{drift:+.1%}",
+                      f"{best[0]} {best[1]:.3f}" if best else "-", verdict)
+    console.print(table)
+    console.print(f"{flagged} of {len(cfg.entries)} entries flagged")
+    return 1 if flagged else 0
+
+
+def cmd_explain(args) -> int:
+    import torch
+
+    from . import explain
+    from .shapes import Shape
+    from .variants import dtype_from_name
+
+    dev = _device_for(args.gpu)
+    s = Shape(B=args.batch, H=args.heads, Hkv=args.kv_heads or args.heads, L=args.seq_q, S=args.seq_k or args.seq_q,
+              E=args.head_dim, Ev=args.head_dim_v or args.head_dim, dtype=args.dtype, causal=args.causal,
+              mask=args.mask, grad=args.grad)
+    dt = dtype_from_name(s.dtype)
+    q = torch.empty(s.B, s.H, s.L, s.E, dtype=dt, device=dev, requires_grad=s.grad)
+    k = torch.empty(s.B, s.Hkv, s.S, s.E, dtype=dt, device=dev)
+    v = torch.empty(s.B, s.Hkv, s.S, s.Ev, dtype=dt, device=dev)
+    mask = None
+    if s.mask == "bool":
+        mask = torch.ones(s.B, 1, 1, s.S, dtype=torch.bool, device=dev)
+    elif s.mask == "float":
+        mask = torch.zeros(s.B, 1, 1, s.S, dtype=dt, device=dev)
+    console.print(str(explain(q, k, v, attn_mask=mask, is_causal=s.causal, enable_gqa=s.Hkv != s.H)),
+                  markup=False, highlight=False)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
+# --- argument parsing -------------------------------------------------------------------------------------
+
+def _tune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu", default="auto", help="auto, cpu, or this device's key (sm_90, gfx906, cpu-x86_64…)")
+    p.add_argument("--shapes", default="default",
+                   help="preset (smoke, cpu, llm, diffusion, video, large-d, default) or a JSON shape file")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="override the shapes' dtype")
+    p.add_argument("--vram-cap", help="GiB; default 90%% of free device memory (CPU: of available RAM)")
+    p.add_argument("--trials", type=int, help="at most this many trials per shape")
+    p.add_argument("--time-budget", type=float, help="seconds for the whole run, shared between shapes")
+    p.add_argument("--storage", help="optuna storage: journal:PATH (default, in the user cache dir), "
+                                     "sqlite:///…, postgresql://…")
+    p.add_argument("--workers", type=int, default=1, help="processes, one per visible GPU")
+    p.add_argument("--out", help="directory for <device>.json (default: the user config dir)")
+    p.add_argument("--in-process", action="store_true", help="run trials in this process (no watchdog)")
+    p.add_argument("--measure-ms", type=float, help="timing budget per trial in ms")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="noflash-tune", description=__doc__)
+    _tune_options(p)
+    sub = p.add_subparsers(dest="command")
+    t = sub.add_parser("tune", help="tune this machine (the default command)")
+    _tune_options(t)
+    for name, helptext in (("show", "show the tuned configs found for this device"),
+                           ("export", "write this device's merged configs to one file")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--device", help="device key (default: this machine's)")
+        sp.add_argument("--dir", action="append", help="config dir(s) to read (default: the search path)")
+        if name == "export":
+            sp.add_argument("out", help="output file")
+    sp = sub.add_parser("import", help="validate a config file and merge it into the user config dir")
+    sp.add_argument("file")
+    sp.add_argument("--to", help="config dir to merge into (default: the user config dir)")
+    sp = sub.add_parser("verify", help="re-measure a config file's entries here and report drift")
+    sp.add_argument("file")
+    sp.add_argument("--gpu", default="auto")
+    sp.add_argument("--in-process", action="store_true")
+    sp.add_argument("--measure-ms", type=float)
+    sp = sub.add_parser("explain", help="what the runtime would do for a shape, and why")
+    sp.add_argument("--gpu", default="auto")
+    sp.add_argument("-B", "--batch", type=int, default=1)
+    sp.add_argument("-H", "--heads", type=int, default=16)
+    sp.add_argument("--kv-heads", type=int)
+    sp.add_argument("-L", "--seq-q", type=int, default=4096)
+    sp.add_argument("-S", "--seq-k", type=int)
+    sp.add_argument("-D", "--head-dim", type=int, default=64)
+    sp.add_argument("--head-dim-v", type=int)
+    sp.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16", "fp64"))
+    sp.add_argument("--causal", action="store_true")
+    sp.add_argument("--mask", default="none", choices=("none", "bool", "float"))
+    sp.add_argument("--grad", action="store_true")
+    sp = sub.add_parser("bench", help="benchmark against native SDPA backends (table + PNG plots)")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--shapes", default="bench")
+    sp.add_argument("--out", default="bench/out")
+    sp.add_argument("--native", default="all", choices=("all", "math-only"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {None: cmd_tune, "tune": cmd_tune, "show": cmd_show, "export": cmd_export, "import": cmd_import,
+                "verify": cmd_verify, "explain": cmd_explain, "bench": cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except CliError as exc:
+        err.print(f"noflash-tune: error: {exc}")
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        err.print(f"noflash-tune: error: {exc}")
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

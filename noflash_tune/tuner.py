@@ -1,0 +1,551 @@
+"""The tuner: one optuna study per (device, shape bucket); winners go to tuned_configs.
+
+For each shape: the candidate variants of every family that supports it are enumerated and pruned analytically
+(reason recorded, no launch). A small space (≤ ``EXHAUSTIVE_MAX`` points) is searched exhaustively with
+``BruteForceSampler`` over one categorical; a larger one with TPE over each family's own parameters. The family
+defaults and the native backends are enqueued first. Each trial runs in a child process with a watchdog (GPU
+memory creeps across trials in one process, and optuna's timeout is only checked between trials):
+accuracy (the 2x rule) first, then peak memory against the VRAM cap (over it: pruned, and recorded infeasible
+with ``trial.set_constraint``), then the median time. The top few are re-measured before a winner is crowned.
+
+The search log is an optuna storage: an embedded journal file in the user cache dir by default, or any optuna
+storage URL (``postgresql://`` for many machines). A killed run resumes: trials left RUNNING by a dead process
+of this host are marked failed and re-enqueued. The product is small and deterministic: ``tuned_configs/``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import warnings
+
+import optuna
+import torch
+
+from . import codegen, device as devmod, variants
+from .shapes import Shape
+from .variants import FAMILIES, Variant
+
+log = logging.getLogger("noflash_tune")
+
+EXHAUSTIVE_MAX = 400
+REMEASURE_TOP = 3
+RUNNER_UP_WITHIN = 0.03
+CATEGORICAL = "variant"
+
+
+# --- candidates -------------------------------------------------------------------------------------------
+
+def variant_id(v: Variant) -> str:
+    return v.family + ("|" + ",".join(f"{k}={val}" for k, val in v.params.items()) if v.params else "")
+
+
+def variant_from_id(s: str) -> Variant:
+    family, _, rest = s.partition("|")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, _, raw = item.partition("=")
+        params[key] = int(raw) if raw.lstrip("-").isdigit() else raw
+    return Variant(family, **params)
+
+
+@dataclass
+class Candidates:
+    kept: list[Variant]
+    pruned: list[tuple[Variant, str]]
+    families_rejected: dict[str, list[str]]
+
+
+def candidates_for(shape: Shape, device) -> Candidates:
+    """Every variant of every family that can serve ``shape`` on ``device``, after analytic pruning."""
+    from . import contract
+
+    q, k, v, mask = _meta_like(shape, device)
+    call = contract.normalize(q, k, v, mask, 0.0, shape.causal, None, shape.gqa > 1)
+    call.needs_grad = shape.grad
+    kept, pruned, rejected = [], [], {}
+    dev_type = torch.device(device).type
+    for name, fam in FAMILIES.items():
+        if fam.kind == "native":
+            backend = name.split(":", 1)[1]
+            if dev_type == "cpu" and backend not in ("flash", "math"):
+                continue
+        why = fam.reasons(call)
+        if why:
+            rejected[name] = why
+            continue
+        for var, reason in variants.candidate_space(name, call):
+            (pruned.append((var, reason)) if reason else kept.append(var))
+    return Candidates(kept=kept, pruned=pruned, families_rejected=rejected)
+
+
+def _meta_like(shape: Shape, device):
+    """Inputs with the right metadata but no storage worth filling (reasons/pruning only read shapes)."""
+    dt = variants.dtype_from_name(shape.dtype)
+    dev = torch.device(device)
+    q = torch.empty(shape.B, shape.H, shape.L, shape.E, dtype=dt, device=dev)
+    k = torch.empty(shape.B, shape.Hkv, shape.S, shape.E, dtype=dt, device=dev)
+    v = torch.empty(shape.B, shape.Hkv, shape.S, shape.Ev, dtype=dt, device=dev)
+    mask = None
+    if shape.mask == "bool":
+        mask = torch.ones(shape.B, 1, 1, shape.S, dtype=torch.bool, device=dev)
+    elif shape.mask == "float":
+        mask = torch.zeros(shape.B, 1, 1, shape.S, dtype=dt, device=dev)
+    return q, k, v, mask
+
+
+# --- one trial (runs in the worker process) ----------------------------------------------------------------
+
+def run_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, budget_ms: float) -> dict:
+    """Accuracy, then peak memory against the cap, then time. Returns a JSON-able result."""
+    from . import measure
+    from .runtime.fallback import is_oom
+
+    try:
+        acc = measure.check_variant(variant, shape, device)
+        if not acc.ok:
+            return {"status": "pruned_accuracy", "reason": str(acc)[:300]}
+        runner = measure.make_runner(variant, shape, device)
+        peak = measure.peak_extra_bytes(runner, device)
+        if peak is None:
+            from .runtime.fallback import workspace_bytes
+            from . import contract
+
+            q, k, v, m = _meta_like(shape, device)
+            c = contract.normalize(q, k, v, m, 0.0, shape.causal, None, shape.gqa > 1)
+            c.needs_grad = shape.grad
+            peak = workspace_bytes(variant, c)
+        if cap_bytes is not None and peak > cap_bytes:
+            return {"status": "pruned_cap", "peak_bytes": peak,
+                    "reason": f"peak {peak / 2**20:.1f} MiB > cap {cap_bytes / 2**20:.1f} MiB"}
+        t = measure.time_fn(runner, device, budget_ms)
+        return {"status": "ok", "ms": t.ms, "p20": t.p20, "p80": t.p80, "peak_bytes": peak}
+    except Exception as exc:  # noqa: BLE001 - a trial's failure is data, not a crash of the tuner
+        if is_oom(exc):
+            return {"status": "pruned_cap", "reason": f"out of memory: {str(exc).splitlines()[0][:200]}"}
+        kind = "compile" if variant.kind == "triton" else "error"
+        return {"status": f"failed_{kind}", "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
+                "trace": traceback.format_exc()[-2000:]}
+    finally:
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _worker_main(conn, device: str):
+    torch.manual_seed(0)
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        vid, shape_json, cap, budget = msg
+        conn.send(run_trial(variant_from_id(vid), Shape(**shape_json), device, cap, budget))
+
+
+class TrialRunner:
+    """Runs trials in a child process (spawned once, reused), restarted after a timeout or a crash."""
+
+    def __init__(self, device: str, in_process: bool = False, timeout_s: float = 300.0):
+        self.device, self.in_process, self.timeout_s = device, in_process, timeout_s
+        self.proc = None
+        self.conn = None
+
+    def _start(self):
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, self.device), daemon=True)
+        self.proc.start()
+        self.conn = parent
+
+    def run(self, variant: Variant, shape: Shape, cap: int | None, budget_ms: float) -> dict:
+        if self.in_process:
+            return run_trial(variant, shape, self.device, cap, budget_ms)
+        if self.proc is None or not self.proc.is_alive():
+            self._start()
+        self.conn.send((variant_id(variant), shape.to_json(), cap, budget_ms))
+        if self.conn.poll(self.timeout_s):
+            try:
+                return self.conn.recv()
+            except EOFError:
+                pass
+        code = self.proc.exitcode
+        self.close(kill=True)
+        return {"status": "failed_error", "reason": f"worker timed out after {self.timeout_s:.0f} s"
+                if code is None else f"worker died (exit code {code})"}
+
+    def close(self, kill: bool = False):
+        if self.proc is None:
+            return
+        try:
+            if not kill and self.proc.is_alive():
+                self.conn.send(None)
+                self.proc.join(10)
+        except (BrokenPipeError, OSError):
+            pass
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self.proc = None
+
+
+# --- studies ----------------------------------------------------------------------------------------------
+
+def default_storage_url() -> str:
+    from .paths import user_cache_dir
+
+    path = user_cache_dir() / "optuna-journal.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"journal:{path}"
+
+
+def open_storage(url: str | None):
+    """``journal:PATH`` (or a bare path) -> an embedded journal file; anything else: an optuna storage URL."""
+    url = url or default_storage_url()
+    if url.startswith("journal:") or "://" not in url:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = url[len("journal:"):] if url.startswith("journal:") else url
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(path))
+    if url.startswith(("postgresql", "mysql")):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    return optuna.storages.get_storage(url)
+
+
+def study_name(device_key: str, shape: Shape) -> str:
+    s = shape
+    shape_key = f"B{s.B}H{s.H}kv{s.Hkv}L{s.L}S{s.S}E{s.E}Ev{s.Ev}"
+    return (f"noflash-tune/{device_key}/{shape.bucket().key}/{shape_key}/space-{variants.space_hash()}"
+            f"/templates-{codegen.templates_hash()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_stale_trials(study: optuna.Study) -> int:
+    """Trials left RUNNING by a dead process of this host: mark them failed and enqueue their params again."""
+    host = socket.gethostname()
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("host") != host or _pid_alive(int(t.user_attrs.get("pid", -1))):
+            continue
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+        if t.params:
+            study.enqueue_trial(t.params, skip_if_exists=False)
+        n += 1
+    return n
+
+
+@dataclass
+class TuneOptions:
+    device: str = "cpu"
+    vram_cap_bytes: int | None = None
+    trials: int | None = None  # per bucket
+    time_budget_s: float | None = None  # for the whole run
+    storage: str | None = None
+    budget_ms: float | None = None  # timing budget per trial
+    in_process: bool = False
+    trial_timeout_s: float = 300.0
+    seed: int = 0
+
+
+@dataclass
+class BucketResult:
+    shape: Shape
+    entry: dict | None
+    counts: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _structured_params(trial: optuna.Trial, families: dict[str, list[Variant]]) -> Variant:
+    family = trial.suggest_categorical("family", sorted(families))
+    space = FAMILIES[family].space
+    chosen = {}
+    for key, choices in space.items():
+        values = sorted({v.params[key] for v in families[family]}, key=str)
+        chosen[key] = trial.suggest_categorical(f"{family}.{key}", values) if len(values) > 1 else values[0]
+    return Variant(family, **chosen)
+
+
+def _budget(opts: TuneOptions) -> float:
+    return opts.budget_ms or (100.0 if torch.device(opts.device).type == "cuda" else 100.0)
+
+
+def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, deadline: float | None = None,
+           runner: TrialRunner | None = None):
+    """Run (or resume) the study of one shape until its space, its trial cap or the deadline is exhausted."""
+    dev_key = devmod.device_key(opts.device)
+    cands = candidates_for(shape, opts.device)
+    kept_ids = [variant_id(v) for v in cands.kept]
+    exhaustive = len(kept_ids) <= EXHAUSTIVE_MAX
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = (optuna.samplers.BruteForceSampler(seed=opts.seed) if exhaustive
+                   else optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=16, constant_liar=True))
+    study = optuna.create_study(storage=storage, study_name=study_name(dev_key, shape), direction="minimize",
+                                sampler=sampler, load_if_exists=True)
+    study.set_user_attr("shape", shape.to_json())
+    study.set_user_attr("pruned_analytically", len(cands.pruned))
+    recover_stale_trials(study)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    by_family: dict[str, list[Variant]] = {}
+    for v in cands.kept:
+        by_family.setdefault(v.family, []).append(v)
+    if not done:  # family defaults and native backends first
+        first = [v for v in cands.kept if v.kind == "native" or v == Variant(v.family)]
+        for v in first:
+            params = ({CATEGORICAL: variant_id(v)} if exhaustive else
+                      {"family": v.family, **{f"{v.family}.{k}": val for k, val in v.params.items()
+                                              if len({x.params[k] for x in by_family[v.family]}) > 1}})
+            study.enqueue_trial(params, skip_if_exists=True)
+    total = len(kept_ids) if exhaustive else max(64, min(len(kept_ids), 256))
+    if opts.trials:
+        total = min(total, opts.trials)
+    remaining = max(0, total - len(done))
+    if progress is not None:
+        progress.update(task, total=total, completed=min(total, len(done)))
+    own_runner = runner is None
+    runner = runner or TrialRunner(opts.device, in_process=opts.in_process, timeout_s=opts.trial_timeout_s)
+    budget = _budget(opts)
+    seen_ids = set(kept_ids)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        if exhaustive:
+            vid = trial.suggest_categorical(CATEGORICAL, kept_ids)
+        else:
+            v0 = _structured_params(trial, by_family)
+            vid = variant_id(v0)
+            if vid not in seen_ids:
+                why = "pruned analytically (not among the kept candidates)"
+                trial.set_user_attr("status", "pruned_analytic")
+                trial.set_user_attr("reason", why)
+                raise optuna.TrialPruned(why)
+        res = runner.run(variant_from_id(vid), shape, opts.vram_cap_bytes, budget)
+        status = res["status"]
+        trial.set_user_attr("variant", vid)
+        trial.set_user_attr("status", status)
+        for key in ("reason", "peak_bytes", "p20", "p80"):
+            if key in res:
+                trial.set_user_attr(key, res[key])
+        cap = opts.vram_cap_bytes
+        # Feasible when <= 0: peak memory over the cap, in MiB (the sampler learns the infeasible region).
+        if "peak_bytes" in res and cap is not None:
+            trial.set_constraint("vram_cap_mib", float(res["peak_bytes"] - cap) / 2**20)
+        if status != "ok":
+            raise optuna.TrialPruned(res.get("reason", status))
+        return float(res["ms"])
+
+    def tick(study, trial):
+        if progress is not None:
+            progress.advance(task)
+
+    try:
+        if remaining:
+            timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
+            # MaxTrialsCallback: with several workers on one study, stop at the cap counted across all of them.
+            cap_cb = optuna.study.MaxTrialsCallback(total, states=None)
+            study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[tick, cap_cb], catch=())
+    finally:
+        if own_runner:
+            runner.close()
+    return study, cands
+
+
+def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidates,
+          runner: TrialRunner | None = None) -> BucketResult:
+    """Re-measure the top few and build the tuned entry (winner, runners-up within 3%, best native)."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {"complete": 0, "pruned_cap": 0, "pruned_accuracy": 0, "failed": 0,
+              "pruned_analytic": len(cands.pruned)}
+    for t in trials:
+        st = t.user_attrs.get("status", "")
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            counts["complete"] += 1
+        elif st in ("pruned_cap", "pruned_accuracy"):
+            counts[st] += 1
+        elif st == "pruned_analytic":
+            counts["pruned_analytic"] += 1
+        elif st.startswith("failed") or t.state == optuna.trial.TrialState.FAIL:
+            counts["failed"] += 1
+    ok = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+    best_per_variant: dict[str, float] = {}
+    for t in ok:
+        vid = t.user_attrs["variant"]
+        best_per_variant[vid] = min(best_per_variant.get(vid, math.inf), t.value)
+    natives = {vid: ms for vid, ms in best_per_variant.items() if vid.startswith("native:")}
+    ours = sorted(((ms, vid) for vid, ms in best_per_variant.items() if not vid.startswith("native:")))
+    if not ours and not natives:
+        return BucketResult(shape=shape, entry=None, counts=counts)
+    # Re-measure the top few of ours and the best native: a lucky outlier is common.
+    top = [vid for _, vid in ours[:REMEASURE_TOP]]
+    if natives:
+        top.append(min(natives, key=natives.get))
+    own_runner = runner is None
+    runner = runner or TrialRunner(opts.device, in_process=opts.in_process, timeout_s=opts.trial_timeout_s)
+    budget = 2 * _budget(opts)
+    remeasured: dict[str, dict] = {}
+    try:
+        for vid in top:
+            res = runner.run(variant_from_id(vid), shape, opts.vram_cap_bytes, budget)
+            if res["status"] == "ok":
+                remeasured[vid] = res
+    finally:
+        if own_runner:
+            runner.close()
+    for vid, res in remeasured.items():
+        best_per_variant[vid] = min(best_per_variant[vid], res["ms"])
+    peaks = {t.user_attrs["variant"]: t.user_attrs.get("peak_bytes", 0) for t in ok}
+    ranked = sorted(best_per_variant.items(), key=lambda kv: kv[1])
+    ours_ranked = [(vid, ms) for vid, ms in ranked if not vid.startswith("native:")]
+    native_best = min(natives.items(), key=lambda kv: kv[1]) if natives else None
+    if native_best is not None:
+        native_best = (native_best[0], best_per_variant[native_best[0]])
+    winner_vid, winner_ms = ours_ranked[0] if ours_ranked else native_best
+    runners = [(vid, ms) for vid, ms in ranked if vid != winner_vid and ms <= winner_ms * (1 + RUNNER_UP_WITHIN)]
+    entry = {
+        "bucket": shape.bucket().to_json(),
+        "shape": shape.to_json(),
+        "winner": variant_from_id(winner_vid).to_json(),
+        "ms": round(winner_ms, 6),
+        "tflops": round(shape.flops() / (winner_ms * 1e-3) / 1e12, 4),
+        "peak_mib": round(peaks.get(winner_vid, 0) / 2**20, 3),
+        "runners_up": [{"variant": variant_from_id(v).to_json(), "ms": round(ms, 6)} for v, ms in runners[:8]],
+        "native": ({"backend": native_best[0].split(":", 1)[1], "ms": round(native_best[1], 6)}
+                   if native_best else None),
+        "trials": {k: counts[k] for k in ("complete", "pruned_cap", "pruned_accuracy", "failed")},
+    }
+    return BucketResult(shape=shape, entry=entry, counts=counts)
+
+
+def tune(shapes: list[Shape], opts: TuneOptions, console=None) -> list[BucketResult]:
+    """Search and crown every shape (a rich progress bar per shape); returns the results in shape order."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(opts.storage)
+    start = time.monotonic()
+    deadline = start + opts.time_budget_s if opts.time_budget_s else None
+    results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    runner = TrialRunner(opts.device, in_process=opts.in_process, timeout_s=opts.trial_timeout_s)
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            for i, shape in enumerate(shapes):
+                t0 = time.monotonic()
+                task = progress.add_task(f"[{i + 1}/{len(shapes)}] {shape.label()}", total=None)
+                share = None
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    share = time.monotonic() + max(1.0, left / (len(shapes) - i))
+                study, cands = search(shape, opts, storage, progress, task, share, runner=runner)
+                res = crown(study, shape, opts, cands, runner=runner)
+                res.seconds = time.monotonic() - t0
+                results.append(res)
+                if torch.device(opts.device).type == "cuda":
+                    runner.close()  # a fresh process per shape: GPU memory creeps across trials
+    finally:
+        runner.close()
+    return results
+
+
+def results_to_config(results: list[BucketResult], opts: TuneOptions) -> dict:
+    """The tuned_configs document for these results (validated by configs.parse before it is written)."""
+    from . import __version__, configs
+
+    info = configs.this_device_info(opts.device)
+    by_bucket: dict[str, dict] = {}  # two shapes of one bucket: keep the faster measurement
+    for r in results:
+        if r.entry is None:
+            continue
+        key = json.dumps(r.entry["bucket"], sort_keys=True)
+        if key not in by_bucket or r.entry["ms"] < by_bucket[key]["ms"]:
+            by_bucket[key] = r.entry
+    entries = list(by_bucket.values())
+    return {
+        "schema": configs.SCHEMA,
+        "device": info.to_json(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tool": f"noflash-tune {__version__}",
+        "vram_cap_gib": round(opts.vram_cap_bytes / 2**30, 3) if opts.vram_cap_bytes else None,
+        "entries": sorted(entries, key=lambda e: json.dumps(e["bucket"], sort_keys=True)),
+    }
+
+
+def _search_worker(index: int, shapes_json: list[dict], opts_json: dict, deadline_wall: float | None):
+    """One ``--workers`` process: pinned to GPU ``index``; searches every shape against the shared storage."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if opts_json["device"] != "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+        os.environ.setdefault("HIP_VISIBLE_DEVICES", str(index))
+    opts = TuneOptions(**opts_json)
+    opts.seed = opts.seed + index
+    storage = open_storage(opts.storage)
+    deadline = None if deadline_wall is None else time.monotonic() + (deadline_wall - time.time())
+    for sj in shapes_json:
+        search(Shape(**sj), opts, storage, deadline=deadline)
+
+
+def tune_parallel(shapes: list[Shape], opts: TuneOptions, workers: int, console=None) -> list[BucketResult]:
+    """``--workers N``: N processes (one per visible GPU) share each shape's study through the storage; this
+    process then crowns the winners. The storage must be shared: the journal file (one host) or an RDB URL."""
+    from dataclasses import asdict
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if opts.storage is None:
+        opts.storage = default_storage_url()
+    if opts.device != "cpu":
+        visible = torch.cuda.device_count()
+        if workers > visible:
+            raise ValueError(f"--workers {workers} but only {visible} GPUs are visible")
+    deadline_wall = time.time() + opts.time_budget_s if opts.time_budget_s else None
+    ctx = mp.get_context("spawn")
+    t0 = time.monotonic()
+    procs = [ctx.Process(target=_search_worker, args=(i, [s.to_json() for s in shapes], asdict(opts),
+                                                      deadline_wall)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    storage = open_storage(opts.storage)
+    dev_key = devmod.device_key(opts.device)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"{workers} workers, {len(shapes)} shapes: finished trials", total=None)
+        while any(p.is_alive() for p in procs):
+            n = 0
+            for s in shapes:
+                try:
+                    st = optuna.load_study(study_name=study_name(dev_key, s), storage=storage)
+                    n += sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
+                except KeyError:
+                    pass
+            progress.update(task, completed=n)
+            time.sleep(2.0)
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            log.warning("noflash-tune: a tuning worker exited with code %s", p.exitcode)
+    wall = time.monotonic() - t0
+    results = []
+    for s in shapes:
+        study = optuna.load_study(study_name=study_name(dev_key, s), storage=storage)
+        res = crown(study, s, opts, candidates_for(s, opts.device))
+        res.seconds = wall / len(shapes)
+        results.append(res)
+    return results
