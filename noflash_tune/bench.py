@@ -1,0 +1,250 @@
+"""``noflash-tune bench``: our dispatched SDPA, our best variant of each family, native SDPA pinned to each
+backend, FlexAttention and noflash-attention, forward and forward+backward: a table and PNG plots.
+
+TFLOP/s count forward 4·B·H·L·S·D (halved when causal), forward+backward 3.5x that (as the anchors do).
+``--native math-only`` restricts native to its math path: what a GPU without fused kernels gets.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import contract, device as devmod, measure
+from .shapes import Shape
+from .variants import FAMILIES, Variant
+
+NATIVE = ("cudnn", "flash", "efficient", "math")
+
+
+def bench_shapes(preset: str, device_type: str, native: str) -> list[Shape]:
+    """``bench`` preset: N sweeps per D and causal; others: the tuner's presets."""
+    from .shapes import load_shapes
+
+    if preset != "bench":
+        return load_shapes(preset, device_type)
+    if device_type == "cpu":
+        return [Shape(B=1, H=8, L=n, E=64, dtype="fp32", causal=c) for c in (False, True) for n in (512, 1024, 2048)]
+    sizes = (1024, 2048, 4096, 8192, 16384) + ((32768, 65536) if native == "math-only" else ())
+    dt = "fp16" if native == "math-only" else "bf16"
+    return [Shape(B=max(1, 16384 // n), H=16, L=n, E=d, dtype=dt, causal=c)
+            for d in (64, 128) for c in (False, True) for n in sizes]
+
+
+@dataclass
+class Row:
+    shape: Shape
+    impl: str
+    ms: float
+    tflops: float
+    peak_mib: float | None
+    error: str = ""
+
+
+def _flex(shape: Shape):
+    """FlexAttention compiled with a causal block mask where causal, or None where it does not apply."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    if shape.mask != "none" or shape.Ev != shape.E:
+        return None
+    compiled = torch.compile(flex_attention, dynamic=False)
+    block_mask = None
+    if shape.causal:
+        block_mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, shape.L, shape.S, device="cuda")
+
+    def run(q, k, v):
+        return compiled(q, k, v, block_mask=block_mask, enable_gqa=shape.gqa > 1)
+    return run
+
+
+def _noflash_t1():
+    os.environ.setdefault("NOFLASH_FORCE_PATCH", "1")
+    try:
+        from noflash_attention.patch import chunked_sdpa
+    except Exception:  # noqa: BLE001 - optional peer
+        return None
+    return chunked_sdpa
+
+
+def _best_of_family(shape: Shape, device) -> dict[str, Variant]:
+    """Per family: the tuned winner or runner-up of this bucket, else the family default."""
+    from .runtime import dispatch
+
+    out = {}
+    cs = dispatch.configs_for(torch.device(device))
+    entry = None
+    if cs is not None:
+        found = cs.lookup(shape.bucket())
+        entry = found[0] if found else None
+    tuned = [entry.winner, *[v for v, _ in entry.runners_up]] if entry is not None else []
+    for name, fam in FAMILIES.items():
+        if fam.kind == "native":
+            continue
+        pick = next((v for v in tuned if v.family == name), None)
+        out[name] = pick or Variant(name)
+    return out
+
+
+def _impls(shape: Shape, device, native: str):
+    """name -> callable(q, k, v, mask) for every implementation that applies to ``shape``."""
+    from .runtime import fallback
+    from .runtime.dispatch import sdpa
+    from .runtime.native import original_sdpa, pinned
+
+    dev_type = torch.device(device).type
+    kw = dict(is_causal=shape.causal, enable_gqa=shape.gqa > 1)
+    impls = {"noflash-tune (dispatched)": lambda q, k, v, m: sdpa(q, k, v, m, **kw)}
+    q, k, v, m = _meta_inputs(shape, device)
+    call = contract.normalize(q, k, v, m, 0.0, shape.causal, None, shape.gqa > 1)
+    call.needs_grad = shape.grad
+    for name, var in _best_of_family(shape, device).items():
+        if FAMILIES[name].reasons(call):
+            continue
+
+        def run(q, k, v, m, var=var):
+            c = contract.normalize(q, k, v, m, 0.0, shape.causal, None, shape.gqa > 1)
+            return fallback.run_variant(var, c)
+        impls[f"{name} {_short(var)}"] = run
+    backends = ("math",) if native == "math-only" else NATIVE
+    for b in backends:
+        if devmod.native_backend_reasons(b, call):
+            continue
+
+        def nat(q, k, v, m, b=b):
+            with pinned(b):
+                return original_sdpa(q, k, v, m, **kw)
+        impls[f"native {b}"] = nat
+    if dev_type == "cuda":
+        flex = _flex(shape)
+        if flex is not None:
+            impls["FlexAttention"] = lambda q, k, v, m: flex(q, k, v)
+    t1 = _noflash_t1()
+    if t1 is not None and shape.gqa == 1 and shape.mask == "none":
+        impls["noflash-attention T1"] = lambda q, k, v, m: t1(q, k, v, is_causal=shape.causal)
+    return impls
+
+
+def _short(v: Variant) -> str:
+    keep = {k: val for k, val in v.params.items() if k in ("block_m", "block_n", "BLOCK_M", "BLOCK_N", "BLOCK_D")}
+    return "(" + ",".join(f"{k}={val}" for k, val in keep.items()) + ")" if keep else ""
+
+
+def _meta_inputs(shape: Shape, device):
+    from .tuner import _meta_like
+
+    return _meta_like(shape, device)
+
+
+def run_one(shape: Shape, name: str, fn, device, budget_ms: float) -> Row:
+    q, k, v, m = shape.make_inputs(device)
+    go = torch.randn(shape.B, shape.H, shape.L, shape.Ev, device=device).to(q.dtype) if shape.grad else None
+
+    def call():
+        if go is None:
+            with torch.no_grad():
+                return fn(q, k, v, m)
+        for t in (q, k, v):
+            t.grad = None
+        out = fn(q, k, v, m)
+        out.backward(go)
+        return out
+
+    try:
+        t = measure.time_fn(call, device, budget_ms)
+        peak = measure.peak_extra_bytes(call, device)
+    except Exception as exc:  # noqa: BLE001 - an implementation that cannot run is a row, not a crash
+        msg = "OOM" if "out of memory" in str(exc).lower() else f"{type(exc).__name__}: {str(exc)[:80]}"
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        return Row(shape, name, math.nan, math.nan, None, msg)
+    return Row(shape, name, t.ms, shape.flops() / (t.ms * 1e-3) / 1e12, None if peak is None else peak / 2**20)
+
+
+def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for kind in ("fwd", "fwdbwd"):
+        sel = [r for r in rows if r.shape.grad == (kind == "fwdbwd")]
+        if not sel:
+            continue
+        panels = sorted({(r.shape.E, r.shape.causal) for r in sel})
+        for metric, ylabel, log in (("tflops", "TFLOP/s", False), ("peak_mib", "peak extra MiB", True)):
+            fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+            for ax, (d, causal) in zip(axes[0], panels):
+                impls = sorted({r.impl for r in sel})
+                for impl in impls:
+                    pts = sorted((r.shape.L, getattr(r, metric)) for r in sel
+                                 if r.impl == impl and r.shape.E == d and r.shape.causal == causal
+                                 and getattr(r, metric) is not None and getattr(r, metric) == getattr(r, metric))
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+                ax.set_xscale("log", base=2)
+                if log:
+                    ax.set_yscale("log")
+                ax.set_title(f"D={d}{' causal' if causal else ''} ({kind})")
+                ax.set_xlabel("N")
+                ax.set_ylabel(ylabel)
+                ax.grid(True, alpha=0.3)
+            axes[0][0].legend(fontsize=7)
+            fig.suptitle(title, fontsize=9)
+            fig.tight_layout()
+            path = out_dir / f"{kind}-{'tflops' if metric == 'tflops' else 'memory'}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def main(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    console = Console(width=170)
+    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    shapes = bench_shapes(args.shapes, torch.device(dev).type, args.native)
+    if not args.no_grad:
+        shapes = shapes + [replace(s, grad=True) for s in shapes if s.L <= 16384]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budget = 200.0 if torch.device(dev).type == "cuda" else 300.0
+    rows: list[Row] = []
+    with Progress(console=console) as progress:
+        task = progress.add_task("bench", total=len(shapes))
+        for shape in shapes:
+            for name, fn in _impls(shape, dev, args.native).items():
+                progress.update(task, description=f"{shape.label()}: {name}")
+                rows.append(run_one(shape, name, fn, dev, budget))
+            progress.advance(task)
+    title = (f"{devmod.device_name(dev)} · torch {torch.__version__} · "
+             f"{time.strftime('%Y-%m-%d')} · native={args.native}")
+    (out_dir / "bench.json").write_text(json.dumps([dict(shape=r.shape.to_json(), impl=r.impl, ms=r.ms,
+                                                          tflops=r.tflops, peak_mib=r.peak_mib, error=r.error)
+                                                     for r in rows], indent=1))
+    pngs = plot(rows, out_dir, title)
+    table = Table(title=title)
+    for col in ("shape", "implementation", "ms", "TFLOP/s", "peak MiB", "vs best native"):
+        table.add_column(col, justify="left" if col in ("shape", "implementation") else "right")
+    for shape in shapes:
+        sel = [r for r in rows if r.shape == shape]
+        nat = [r.ms for r in sel if r.impl.startswith("native") and r.ms == r.ms]
+        best_nat = min(nat) if nat else None
+        for r in sel:
+            sp = f"{best_nat / r.ms:.2f}x" if best_nat and r.ms == r.ms else "-"
+            table.add_row(shape.label(), r.impl, r.error or f"{r.ms:.3f}", "" if r.error else f"{r.tflops:.3g}",
+                          "-" if r.peak_mib is None else f"{r.peak_mib:.1f}", sp)
+    console.print("plots: " + ", ".join(str(p) for p in pngs))
+    console.print(table)
+    return 0
