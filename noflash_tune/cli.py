@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -217,7 +215,7 @@ def cmd_verify(args) -> int:
         verdict = "ok"
         if abs(drift) > 0.10:
             verdict = f"[yellow]{drift:+.0%} off[/]"
-        if best and best[1] < here:
+        if best and best[1] < here and not tuned.get(best[0], float("inf")) < e.ms:
             verdict = f"[red]no longer the winner[/] ({best[0]})"
         flagged += verdict != "ok"
         table.add_row(e.key, str(e.winner), f"{e.ms:.3f}", f"{here:.3f}", f"{drift:+.1%}",

@@ -186,14 +186,31 @@ def triton_prune_reason(v: "Variant", call: "Call") -> str:
         return f"BLOCK_N={bn} > the {call.S} keys"
     if dpad > 256 and bd == 0:
         return f"head dim {d} > 256 needs split-D (BLOCK_D > 0)"
+    if bd and dpad <= 256:
+        return f"split-D (BLOCK_D={bd}) is for head dims above 256, not {d}"
     if bd and bd >= dpad:
         return f"BLOCK_D={bd} does not split head dim {d}"
-    tile_d = bd or dpad
+    if p["compute"] == "fp16" and call.q.dtype != torch.bfloat16:
+        return "fp16 compute is a choice for bf16 input only"
     elt = 4 if call.q.dtype == torch.float32 and p["compute"] == "input" else 2
-    smem = (bm * tile_d + p["num_stages"] * bn * tile_d * 2) * elt
+    e_pad, ev_pad = _next_pow2(max(call.E, 16)), _next_pow2(max(call.Ev, 16))
     limit = shared_memory_limit(call.q.device.index or 0) if call.q.device.type == "cuda" else 232448
+    stages = p["num_stages"]
+    if bd:
+        # split-D forward: Q stays resident only while it fits in 64 KiB; K/V tiles are pipelined.
+        q_res = bm * e_pad * elt if bm * e_pad * elt <= 64 << 10 else bm * bd * elt
+        smem = q_res + stages * bn * (bd + min(bd, ev_pad)) * elt
+    else:
+        smem = (bm * e_pad + stages * bn * (e_pad + ev_pad)) * elt
+    if call.needs_grad:
+        # backward (dK/dV kernel): the kept K/V block plus pipelined Q/dO tiles (checked offline on sm_90).
+        tile = bd or e_pad
+        smem = max(smem, (stages * bn * (tile + min(tile, ev_pad)) + bm * (tile + min(tile, ev_pad))) * elt
+                   + 2048)
     if smem > limit:
-        return f"shared memory {smem // 1024} KiB > the device's {limit // 1024} KiB"
+        return f"shared memory ~{smem // 1024} KiB > the device's {limit // 1024} KiB"
+    if p["num_warps"] == 16 and bm * bn // 512 > 32:
+        return f"16 warps leave 128 registers a thread: a {bm}x{bn} score tile spills"
     if bm * bn // (p["num_warps"] * 32) > 256:
         return f"{bm}x{bn} scores over {p['num_warps']} warps spill registers"
     if p["num_warps"] * 32 > bm * 8:

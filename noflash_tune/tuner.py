@@ -14,6 +14,7 @@ of this host are marked failed and re-enqueued. The product is small and determi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -40,6 +41,8 @@ EXHAUSTIVE_MAX = 400
 REMEASURE_TOP = 3
 RUNNER_UP_WITHIN = 0.03
 CATEGORICAL = "variant"
+OBJECTIVES = ("measure", "synthetic")
+SYNTHETIC_GFLOPS = 20.0  # the synthetic objective's nominal throughput, so its times read like a CPU's
 
 
 # --- candidates -------------------------------------------------------------------------------------------
@@ -139,6 +142,32 @@ def run_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, bud
             torch.cuda.empty_cache()
 
 
+def synthetic_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, sleep_ms: float = 0.0) -> dict:
+    """The deterministic stand-in objective (``--objective synthetic``): no kernel runs.
+
+    The time is a pure function of the variant and the shape (a sha256 of both, spread over 0.5x..2x of the shape's
+    FLOPs at ``SYNTHETIC_GFLOPS``), so any machine, process or run order gets the same numbers; the peak memory is
+    the analytic workspace model, so the VRAM cap prunes as it does for measured trials. ``sleep_ms`` stands in
+    for a kernel's run time, so that concurrent tuning processes really interleave. For testing distributed
+    tuning and the tuner itself."""
+    from . import contract
+    from .runtime.fallback import workspace_bytes
+
+    q, k, v, m = _meta_like(shape, device)
+    call = contract.normalize(q, k, v, m, 0.0, shape.causal, None, shape.gqa > 1)
+    call.needs_grad = shape.grad
+    peak = int(workspace_bytes(variant, call))
+    if sleep_ms > 0:
+        time.sleep(sleep_ms / 1000)
+    if cap_bytes is not None and peak > cap_bytes:
+        return {"status": "pruned_cap", "peak_bytes": peak,
+                "reason": f"peak {peak / 2**20:.1f} MiB > cap {cap_bytes / 2**20:.1f} MiB"}
+    key = json.dumps([variant_id(variant), shape.to_json()], sort_keys=True).encode()
+    u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+    ms = shape.flops() / (SYNTHETIC_GFLOPS * 1e9) * 1e3 * (0.5 + 1.5 * u)
+    return {"status": "ok", "ms": ms, "p20": ms, "p80": ms, "peak_bytes": peak}
+
+
 def _worker_main(conn, device: str):
     torch.manual_seed(0)
     while True:
@@ -152,8 +181,12 @@ def _worker_main(conn, device: str):
 class TrialRunner:
     """Runs trials in a child process (spawned once, reused), restarted after a timeout or a crash."""
 
-    def __init__(self, device: str, in_process: bool = False, timeout_s: float = 300.0):
+    def __init__(self, device: str, in_process: bool = False, timeout_s: float = 300.0, objective: str = "measure",
+                 sleep_ms: float = 0.0):
         self.device, self.in_process, self.timeout_s = device, in_process, timeout_s
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.objective, self.sleep_ms = objective, sleep_ms  # sleep_ms: the synthetic objective's stand-in run time
         self.proc = None
         self.conn = None
 
@@ -165,6 +198,8 @@ class TrialRunner:
         self.conn = parent
 
     def run(self, variant: Variant, shape: Shape, cap: int | None, budget_ms: float) -> dict:
+        if self.objective == "synthetic":  # nothing is launched: no worker process needed
+            return synthetic_trial(variant, shape, self.device, cap, self.sleep_ms)
         if self.in_process:
             return run_trial(variant, shape, self.device, cap, budget_ms)
         if self.proc is None or not self.proc.is_alive():
@@ -213,10 +248,54 @@ def open_storage(url: str | None):
 
         path = url[len("journal:"):] if url.startswith("journal:") else url
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _repair_journal_tail(path)
         return JournalStorage(JournalFileBackend(path))
     if url.startswith(("postgresql", "mysql")):
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return _open_rdb(url)
     return optuna.storages.get_storage(url)
+
+
+def _repair_journal_tail(path: str) -> None:
+    """A writer killed mid-append leaves a torn last record; optuna would glue the next record onto it and refuse
+    the journal from then on. Cut the torn record off, under the journal's own lock (so no live writer is
+    mid-append; a stale lock of a killed writer is broken after optuna's grace period)."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    lock = JournalFileSymlinkLock(path)
+    try:
+        lock.acquire()
+    except OSError:  # a read-only location: nothing will be appended there either
+        return
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            keep = data.rfind(b"\n") + 1
+            if keep != len(data):
+                log.warning("noflash-tune: %s ends in a torn record (a killed writer); cutting it off", path)
+                f.truncate(keep)
+    finally:
+        lock.release()
+
+
+def _open_rdb(url: str, attempts: int = 6):
+    """An RDB storage. Machines that start at once on a fresh database race to create optuna's tables and its
+    version rows (one of them gets a unique-key or already-exists error): the losers retry, and then find them."""
+    import random
+
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except ImportError as exc:  # optuna's wording of SQLAlchemy's missing DB-API module
+            raise ValueError(f"--storage {url.split('://')[0]}://… needs its database driver, which is not installed "
+                             "(PostgreSQL: pip install 'noflash-tune[postgres]', i.e. psycopg2-binary)") from exc
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1) + 0.2 * random.random())
 
 
 def study_name(device_key: str, shape: Shape) -> str:
@@ -243,12 +322,70 @@ def recover_stale_trials(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if t.user_attrs.get("host") != host or _pid_alive(int(t.user_attrs.get("pid", -1))):
             continue
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        # The attribute first: a finished trial cannot be updated any more.
         study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
-        if t.params:
+        if not t.params:
+            # Killed before it chose a candidate. A finished trial without params breaks BruteForceSampler's
+            # tree (every later trial raises): put this one back in the queue; the next trial takes it.
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.WAITING)
+        else:
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             study.enqueue_trial(t.params, skip_if_exists=False)
         n += 1
     return n
+
+
+def _live_running(study: optuna.Study, started_after) -> list:
+    """RUNNING trials that some process may still finish: not those of a dead process of this host, nor any
+    started before ``started_after`` (a datetime, or None)."""
+    host = socket.gethostname()
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if not (t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1))))
+            and (started_after is None or t.datetime_start is None or t.datetime_start >= started_after)]
+
+
+def wait_for_others(study: optuna.Study, timeout_s: float, poll_s: float = 0.1) -> int:
+    """Before crowning: wait while other processes sharing the study (``--workers``, other machines) still
+    evaluate a candidate, so every process crowns from every result. Not waited for: trials of a dead process of
+    this host, and trials that had already run ``timeout_s`` (the per-trial watchdog's limit: their process is
+    gone). Waits at most ``timeout_s``; returns how many trials it left running."""
+    import datetime
+
+    started_after = datetime.datetime.now() - datetime.timedelta(seconds=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while (running := _live_running(study, started_after)) and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    return len(running)
+
+
+def _taken_by(study: optuna.Study, number: int, vid: str) -> int | None:
+    """Exhaustive search, several processes: the trial that already holds candidate ``vid``, if any. A finished
+    evaluation holds it, and so does a running trial with a lower number; so of two trials that raced to the same
+    candidate, at least the lower one evaluates it (both do when neither saw the other in time)."""
+    evaluated = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    for t in study.get_trials(deepcopy=False, states=(*evaluated, optuna.trial.TrialState.RUNNING)):
+        if (t.number != number and t.params.get(CATEGORICAL) == vid and t.user_attrs.get("status") != "duplicate"
+                and (t.state in evaluated or t.number < number)):
+            return t.number
+    return None
+
+
+class _CandidateCap:
+    """Exhaustive search: stop the study once ``total`` distinct candidates are taken (evaluated or being
+    evaluated) across every process sharing it. Unlike counting trials, a candidate that two processes raced to
+    evaluate counts once, and a trial that found its candidate taken (status ``duplicate``) not at all."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                  optuna.trial.TrialState.RUNNING)
+        taken = {t.params.get(CATEGORICAL) for t in study.get_trials(deepcopy=False, states=states)
+                 if t.user_attrs.get("status") != "duplicate"}
+        taken.discard(None)
+        if len(taken) >= self.total:
+            study.stop()
 
 
 @dataclass
@@ -262,6 +399,9 @@ class TuneOptions:
     in_process: bool = False
     trial_timeout_s: float = 300.0
     seed: int = 0
+    # "synthetic": a deterministic cost model instead of running kernels (see ``synthetic_trial``).
+    objective: str = "measure"
+    synthetic_sleep_ms: float = 5.0
 
 
 @dataclass
@@ -302,7 +442,12 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     study.set_user_attr("shape", shape.to_json())
     study.set_user_attr("pruned_analytically", len(cands.pruned))
     recover_stale_trials(study)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    # Trials that evaluated a candidate. An interrupted trial (FAIL) does not count: its re-enqueued copy does.
+    evaluated = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state in evaluated]
+    if exhaustive:  # candidates, not trials: a raced duplicate evaluates nothing new
+        done = list({t.params.get(CATEGORICAL): t for t in done
+                     if t.user_attrs.get("status") != "duplicate"}.values())
     by_family: dict[str, list[Variant]] = {}
     for v in cands.kept:
         by_family.setdefault(v.family, []).append(v)
@@ -320,7 +465,8 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     if progress is not None:
         progress.update(task, total=total, completed=min(total, len(done)))
     own_runner = runner is None
-    runner = runner or TrialRunner(opts.device, in_process=opts.in_process, timeout_s=opts.trial_timeout_s)
+    runner = runner or TrialRunner(opts.device, in_process=opts.in_process, timeout_s=opts.trial_timeout_s,
+                                   objective=opts.objective, sleep_ms=opts.synthetic_sleep_ms)
     budget = _budget(opts)
     seen_ids = set(kept_ids)
 
@@ -329,6 +475,15 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
         trial.set_user_attr("pid", os.getpid())
         if exhaustive:
             vid = trial.suggest_categorical(CATEGORICAL, kept_ids)
+            # Several processes on one study: BruteForceSampler may hand out a candidate another process has taken
+            # (a race, or the last candidates all running elsewhere). Evaluate it once, not again.
+            holder = _taken_by(study, trial.number, vid)
+            if holder is not None:
+                why = f"candidate already taken by trial {holder}"
+                trial.set_user_attr("variant", vid)
+                trial.set_user_attr("status", "duplicate")
+                trial.set_user_attr("reason", why)
+                raise optuna.TrialPruned(why)
         else:
             v0 = _structured_params(trial, by_family)
             vid = variant_id(v0)
@@ -360,7 +515,9 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
         if remaining:
             timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
             # MaxTrialsCallback: with several workers on one study, stop at the cap counted across all of them.
-            cap_cb = optuna.study.MaxTrialsCallback(total, states=None)
+            cap_cb = optuna.study.MaxTrialsCallback(total, states=(*evaluated, optuna.trial.TrialState.RUNNING))
+            if exhaustive:  # count candidates, not trials (see _CandidateCap)
+                cap_cb = _CandidateCap(total)
             study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[tick, cap_cb], catch=())
     finally:
         if own_runner:
@@ -398,7 +555,8 @@ def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidate
     if natives:
         top.append(min(natives, key=natives.get))
     own_runner = runner is None
-    runner = runner or TrialRunner(opts.device, in_process=opts.in_process, timeout_s=opts.trial_timeout_s)
+    runner = runner or TrialRunner(opts.device, in_process=opts.in_process, timeout_s=opts.trial_timeout_s,
+                                   objective=opts.objective, sleep_ms=opts.synthetic_sleep_ms)
     budget = 2 * _budget(opts)
     remeasured: dict[str, dict] = {}
     try:
@@ -444,7 +602,8 @@ def tune(shapes: list[Shape], opts: TuneOptions, console=None) -> list[BucketRes
     deadline = start + opts.time_budget_s if opts.time_budget_s else None
     results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    runner = TrialRunner(opts.device, in_process=opts.in_process, timeout_s=opts.trial_timeout_s)
+    runner = TrialRunner(opts.device, in_process=opts.in_process, timeout_s=opts.trial_timeout_s,
+                         objective=opts.objective, sleep_ms=opts.synthetic_sleep_ms)
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             for i, shape in enumerate(shapes):
@@ -455,6 +614,7 @@ def tune(shapes: list[Shape], opts: TuneOptions, console=None) -> list[BucketRes
                     left = deadline - time.monotonic()
                     share = time.monotonic() + max(1.0, left / (len(shapes) - i))
                 study, cands = search(shape, opts, storage, progress, task, share, runner=runner)
+                wait_for_others(study, opts.trial_timeout_s)  # other processes on this study: their last trials
                 res = crown(study, shape, opts, cands, runner=runner)
                 res.seconds = time.monotonic() - t0
                 results.append(res)
@@ -545,6 +705,7 @@ def tune_parallel(shapes: list[Shape], opts: TuneOptions, workers: int, console=
     results = []
     for s in shapes:
         study = optuna.load_study(study_name=study_name(dev_key, s), storage=storage)
+        wait_for_others(study, opts.trial_timeout_s)  # tuning processes of other machines on this study
         res = crown(study, s, opts, candidates_for(s, opts.device))
         res.seconds = wall / len(shapes)
         results.append(res)

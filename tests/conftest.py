@@ -1,6 +1,16 @@
 import os
 import warnings
 
+# Without CUDA, Triton kernels run in its interpreter. The mode is fixed when triton.language is first imported
+# (its @jit helpers become interpreted functions), so it is set here, before any test module imports anything.
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
 import pytest
 
 # Tests never touch the user's real cache or config dirs, and never see configs from the environment.
@@ -28,3 +38,26 @@ def clean_runtime(monkeypatch):
     noflash_tune.clear_cache()
     yield monkeypatch
     noflash_tune.clear_cache()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (tests/pg_server.py: Debian's package, installed when missing and
+    we are root with apt-get, as in CI); skipped with the reason when none can be had; stopped at the end."""
+    from pg_server import PgServer, Unavailable
+
+    server = PgServer()
+    try:
+        server.start()
+    except Unavailable as exc:
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """The SQLAlchemy URL (``postgresql+psycopg2://postgres@127.0.0.1:PORT/DB``) of a fresh empty database."""
+    return postgres_server.new_database()

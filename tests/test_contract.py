@@ -221,16 +221,20 @@ def test_dropout_has_native_training_semantics(clean_runtime):
 
 
 def test_dropout_gradients_match_the_same_mask():
-    """Backward regenerates exactly the forward's keep-mask: gradcheck passes with dropout on."""
-    q, k, v = (torch.randn(1, 2, 19, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    for tier in ("torch_chunked", "torch_online"):
-        variant = Variant(tier, block_m=32) if tier == "torch_chunked" else Variant(tier, block_m=32, block_n=64)
-
+    """Backward regenerates exactly the forward's keep-mask: gradcheck passes with dropout on, with the
+    sequences spanning several (query, key) blocks so every block's mask is regenerated."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 40, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(1, 1, 70, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(1, 1, 70, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    for variant in (Variant("torch_chunked", block_m=32), Variant("torch_online", block_m=32, block_n=64)):
         def f(q, k, v):
             torch.manual_seed(11)
             return noflash_tune.attention(q, k, v, variant=variant, dropout_p=0.4)
 
-        assert torch.autograd.gradcheck(f, (q, k, v))
+        assert torch.autograd.gradcheck(lambda q_: f(q_, k.detach(), v.detach()), (q,))
+        assert torch.autograd.gradcheck(lambda k_: f(q.detach(), k_, v.detach()), (k,))
+        assert torch.autograd.gradcheck(lambda v_: f(q.detach(), k.detach(), v_), (v,))
 
 
 def test_float_mask_receives_gradients(clean_runtime):

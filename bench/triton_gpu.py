@@ -1,0 +1,458 @@
+#!/usr/bin/env python3
+"""GPU correctness + benchmark of the `triton` family against native SDPA backends (H100, bf16).
+
+    python bench/triton_gpu.py --out results.json [--cases fwd_d128,fwdbwd_d128] [--jobs 8] [--quick]
+
+For each shape it sweeps a handful of configs (pruned analytically by noflash_tune.device.triton_prune_reason),
+checks each one's output (and gradients for fwd+bwd cases) against the math in fp32 with flash-attn's rule
+(error <= 2x the error of the same math in bf16 + a floor), times it with triton.testing.do_bench (median), and
+measures cudnn / flash / efficient in the same run. TFLOP/s: forward 4*B*H*N^2*D (halved when causal),
+forward+backward 3.5x that. For fwd+bwd cases it also times forward-only and backward-only per config, so the
+table shows what separate backward block sizes would buy. Every config runs in try/except; errors print in one
+line. The table comes last; --out writes every measurement as JSON.
+
+--jobs N compiles the configs first in N worker processes (Triton's disk cache), which saves most of the wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _shim_platformdirs():
+    """noflash_tune.paths imports platformdirs; a bare GPU image may lack it. The bench only needs a cache dir."""
+    try:
+        import platformdirs  # noqa: F401
+    except ImportError:
+        mod = types.ModuleType("platformdirs")
+        base = Path(os.environ.get("TMPDIR", "/tmp")) / "noflash-tune-bench"
+        mod.user_cache_dir = lambda app=None, *a, **k: str(base / "cache")
+        mod.user_config_dir = lambda app=None, *a, **k: str(base / "config")
+        sys.modules["platformdirs"] = mod
+
+
+_shim_platformdirs()
+os.environ.setdefault("NOFLASH_TUNE_DISABLE", "1")  # native timings must not go through the package's patch
+
+import torch  # noqa: E402
+
+# --- the cases -------------------------------------------------------------------------------------------------
+# name: (kind, B, Hq, Hkv, N, D, causal, mask, target TFLOP/s)
+CASES = {
+    "fwd_d64": ("fwd", 4, 16, 16, 4096, 64, False, None, 400),
+    "fwd_d128": ("fwd", 4, 16, 16, 4096, 128, False, None, 520),
+    "fwd_d128_causal": ("fwd", 4, 16, 16, 4096, 128, True, None, 420),
+    "fwd_d256_n16k": ("fwd", 1, 8, 8, 16384, 256, False, None, 450),
+    "fwd_d512": ("fwd", 4, 8, 8, 4096, 512, False, None, 430),
+    "fwd_d512_causal": ("fwd", 4, 8, 8, 4096, 512, True, None, 330),
+    "fwd_gqa_causal": ("fwd", 4, 32, 8, 4096, 128, True, None, 450),
+    "fwd_padmask": ("fwd", 4, 16, 16, 4096, 128, False, "pad", 400),
+    "fwdbwd_d128": ("fwdbwd", 4, 16, 16, 4096, 128, False, None, 400),
+    "fwdbwd_d128_causal": ("fwdbwd", 4, 16, 16, 4096, 128, True, None, 330),
+    "fwdbwd_d512": ("fwdbwd", 4, 8, 8, 4096, 512, False, None, 330),
+}
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D)
+FWD_CONFIGS = {
+    "small": [(128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 64, 8, 4, 0), (256, 64, 16, 3, 0),
+              (64, 64, 4, 4, 0), (128, 64, 4, 3, 0)],
+    "d256": [(128, 64, 8, 2, 0), (64, 64, 4, 3, 0), (128, 32, 8, 3, 0), (64, 128, 8, 2, 0), (64, 32, 4, 3, 0)],
+    "split": [(64, 32, 8, 2, 128), (64, 32, 8, 2, 256), (64, 16, 8, 3, 128), (64, 64, 8, 1, 128),
+              (128, 32, 8, 2, 128)],
+}
+# backward: BLOCK_M = kept block (keys for dK/dV, queries for dQ), BLOCK_N = streamed block
+BWD_CONFIGS = {
+    "small": [(128, 64, 8, 3, 0), (128, 32, 8, 3, 0), (64, 64, 4, 3, 0), (64, 32, 4, 4, 0), (128, 64, 8, 2, 0),
+              (64, 128, 8, 2, 0)],
+    "split": [(64, 64, 8, 1, 128), (32, 32, 4, 2, 128), (64, 16, 8, 2, 128), (32, 64, 4, 2, 128),
+              (64, 32, 8, 1, 128)],
+}
+QUICK = 3  # configs per list under --quick
+
+
+def config_list(kind: str, D: int, quick: bool):
+    key = "small" if D <= 128 else ("d256" if D <= 256 else "split")
+    fwd = FWD_CONFIGS[key]
+    if kind == "fwd":
+        out = list(fwd)
+    else:
+        out = list(dict.fromkeys(fwd[:4] + BWD_CONFIGS["split" if D > 256 else "small"]))
+    return out[:QUICK + (2 if kind != "fwd" else 0)] if quick else out
+
+
+def variant_of(cfg, compute="input"):
+    from noflash_tune.variants import Variant
+
+    bm, bn, nw, ns, bd = cfg
+    return Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, compute=compute)
+
+
+def cfg_str(cfg):
+    bm, bn, nw, ns, bd = cfg
+    return f"{bm}x{bn}/w{nw}/s{ns}" + (f"/d{bd}" if bd else "")
+
+
+def flops(case, kind=None):
+    k, B, H, Hkv, N, D, causal, mask, _ = case
+    f = 4.0 * B * H * N * N * D * (0.5 if causal else 1.0)
+    return f * (3.5 if (kind or k) == "fwdbwd" else 1.0)
+
+
+def make_inputs(case, seed=0, requires_grad=False):
+    k, B, H, Hkv, N, D, causal, mask, _ = case
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dt = torch.bfloat16
+    q = torch.randn(B, H, N, D, device="cuda", dtype=dt, generator=g)
+    kk = torch.randn(B, Hkv, N, D, device="cuda", dtype=dt, generator=g)
+    v = torch.randn(B, Hkv, N, D, device="cuda", dtype=dt, generator=g)
+    m = None
+    if mask == "pad":
+        lengths = torch.tensor([N - i * N // (2 * B) for i in range(B)], device="cuda")
+        m = (torch.arange(N, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]  # (B,1,1,S)
+    for t in (q, kk, v):
+        t.requires_grad_(requires_grad)
+    return q, kk, v, m
+
+
+def sdpa_kwargs(case, m):
+    _, B, H, Hkv, N, D, causal, mask, _ = case
+    kw = dict(attn_mask=m, is_causal=causal)
+    if H != Hkv:
+        kw["enable_gqa"] = True
+    return kw
+
+
+# --- references ------------------------------------------------------------------------------------------------
+
+def explicit_math(q, k, v, m, causal, scale, dtype):
+    """SDPA math in `dtype` (fp32 reference, or bf16 without upcast), head by head to bound memory."""
+    G = q.shape[1] // k.shape[1]
+    outs = []
+    for h in range(q.shape[1]):
+        qh = q[:, h].to(dtype)
+        kh = k[:, h // G].to(dtype)
+        vh = v[:, h // G].to(dtype)
+        s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+        L, S = s.shape[-2:]
+        if causal:
+            s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+        if m is not None:
+            mh = m[:, min(h, m.shape[1] - 1)]
+            s = s.masked_fill(~mh, float("-inf")) if mh.dtype == torch.bool else s + mh.to(dtype)
+        mx = s.amax(-1, keepdim=True).detach()
+        mx = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)
+        p = torch.exp(s - mx)
+        den = p.sum(-1, keepdim=True)
+        p = p / torch.where(den == 0, torch.ones_like(den), den)
+        outs.append(torch.matmul(p, vh))
+    return torch.stack(outs, 1)
+
+
+def floor_of(ref, dtype):
+    r = ref.to(dtype)
+    return 2 * (((r + 0.3) - 0.3).float() - ref.float()).abs().max().item()
+
+
+def references(case, q, k, v, m, dout):
+    """fp32 and bf16 explicit math: outputs (and grads when dout is given)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    res = {}
+    for name, dt in (("ref", torch.float32), ("low", torch.bfloat16)):
+        ins = [t.detach().clone().requires_grad_(dout is not None) for t in (q, k, v)]
+        out = explicit_math(*ins, m, case[6], scale, dt)
+        res[name] = {"out": out.detach().float()}
+        if dout is not None:
+            out.backward(dout.to(dt))
+            for nm, t in zip(("dq", "dk", "dv"), ins):
+                res[name][nm] = t.grad.float()
+        del out, ins
+    return res
+
+
+def accuracy(refs, got: dict) -> tuple[bool, str]:
+    worst, ok = [], True
+    for key, val in got.items():
+        r, lo = refs["ref"][key], refs["low"][key]
+        err = (val.float() - r).abs().max().item()
+        err_low = (lo - r).abs().max().item()
+        bound = 2 * err_low + floor_of(r, torch.bfloat16)
+        good = math.isfinite(err) and err <= bound
+        ok &= good
+        worst.append(f"{key} {err:.2e}/{bound:.2e}{'' if good else ' FAIL'}")
+    return ok, ", ".join(worst)
+
+
+# --- runners ---------------------------------------------------------------------------------------------------
+
+def our_call(case, q, k, v, m):
+    from noflash_tune.contract import normalize
+
+    return normalize(q, k, v, **sdpa_kwargs(case, m))
+
+
+def run_ours(case, variant, q, k, v, m, dout=None):
+    from noflash_tune.runtime.triton_op import triton_attention
+
+    for t in (q, k, v):
+        t.grad = None
+    out = triton_attention(our_call(case, q, k, v, m), variant)
+    if dout is None:
+        return {"out": out}
+    out.backward(dout)
+    got = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    for t in (q, k, v):
+        t.grad = None
+    return got
+
+
+def bench_ms(fn, grad_to_none=None):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def short_err(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    first = next((ln for ln in msg if ln.strip()), "")
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def time_ours(case, variant, q, k, v, m, dout):
+    """{fwd, bwd, fwdbwd} ms for one variant (bwd only for fwdbwd cases)."""
+    from noflash_tune.codegen import Specialization, load
+
+    call = our_call(case, q, k, v, m)
+    spec = Specialization.of(call)
+    fwd_mod, bwd_mod = load(variant, spec, 0), load(variant, spec, 1)
+    res = {}
+    res["fwd"] = bench_ms(lambda: fwd_mod.forward(call.q, call.k, call.v, call.mask, call.scale, 0.0, 0,
+                                                   dout is not None))
+    if dout is not None:
+        out, lse = fwd_mod.forward(call.q, call.k, call.v, call.mask, call.scale, 0.0, 0, True)
+        res["bwd"] = bench_ms(lambda: bwd_mod.backward(call.q, call.k, call.v, call.mask, out, lse, dout,
+                                                       call.scale, 0.0, 0, False))
+        from noflash_tune.runtime.triton_op import triton_attention
+
+        def fb():
+            triton_attention(our_call(case, q, k, v, m), variant).backward(dout)
+
+        res["fwdbwd"] = bench_ms(fb, grad_to_none=[q, k, v])
+    return res
+
+
+def time_native(case, backend, q, k, v, m, dout):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+          "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+    kw = sdpa_kwargs(case, m)
+    sdpa = torch._C._nn.scaled_dot_product_attention  # the native op itself, whatever patches F's name
+    with sdpa_kernel([be]):
+        if dout is None:
+            sdpa(q, k, v, **kw)
+            return bench_ms(lambda: sdpa(q, k, v, **kw))
+
+        def fb():
+            sdpa(q, k, v, **kw).backward(dout)
+
+        fb()
+        return bench_ms(fb, grad_to_none=[q, k, v])
+
+
+def prune(case, cfg):
+    from noflash_tune.device import triton_prune_reason
+
+    try:
+        return triton_prune_reason(variant_of(cfg), _FakeCall(case))
+    except Exception:  # a pruning bug must not stop the bench
+        return ""
+
+
+class _FakeCall:
+    """Enough of contract.Call for the analytic pruning, without allocating."""
+
+    def __init__(self, case):
+        _, B, H, Hkv, N, D, causal, mask, _ = case
+        self.L = self.S = N
+        self.E = self.Ev = D
+        self.groups = H // Hkv
+        self.q = torch.empty(0, device="cuda", dtype=torch.bfloat16)
+
+
+# --- precompile in worker processes ----------------------------------------------------------------------------
+
+def _warm_one(args):
+    name, cfg = args
+    case = CASES[name]
+    try:
+        grad = case[0] == "fwdbwd"
+        groups = case[2] // case[3]
+        # The real shape's constexprs and Triton's integer specialisation (==1, %16) with a short sequence:
+        # N=2048 keeps every block count a multiple of 16, and 2 kv heads keep head counts off 1.
+        small = (case[0], 1, 2 * groups, 2, 2048, case[5], case[6], case[7], 0)
+        q, k, v, m = make_inputs(small, requires_grad=grad)
+        dout = torch.randn_like(q) if grad else None
+        run_ours(small, variant_of(cfg), q, k, v, m, dout)
+        torch.cuda.synchronize()
+        return name, cfg, ""
+    except Exception as e:
+        return name, cfg, short_err(e)
+
+
+def precompile(names, jobs, quick):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    work = [(n, cfg) for n in names for cfg in config_list(CASES[n][0], CASES[n][5], quick)
+            if not prune(CASES[n], cfg)]
+    t0 = time.time()
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+        for name, cfg, err in ex.map(_warm_one, work):
+            if err:
+                print(f"  [warm] {name} {cfg_str(cfg)}: {err}", flush=True)
+    print(f"precompiled {len(work)} configs in {time.time() - t0:.0f}s with {jobs} workers", flush=True)
+
+
+# --- main ------------------------------------------------------------------------------------------------------
+
+def run_case(name, case, quick, natives, log):
+    kind, B, H, Hkv, N, D, causal, mask, target = case
+    grad = kind == "fwdbwd"
+    print(f"\n== {name}: {kind} B={B} H={H}/{Hkv} N={N} D={D} causal={causal} mask={mask} (target {target})",
+          flush=True)
+    torch.cuda.empty_cache()
+    q, k, v, m = make_inputs(case, requires_grad=grad)
+    dout = torch.randn_like(q) if grad else None
+    row = {"case": name, "kind": kind, "B": B, "H": H, "Hkv": Hkv, "N": N, "D": D, "causal": causal, "mask": mask,
+           "target": target, "configs": [], "native": {}}
+    try:
+        refs = references(case, q, k, v, m, dout)
+    except Exception as e:
+        refs = None
+        print(f"  reference failed: {short_err(e)}", flush=True)
+    torch.cuda.empty_cache()
+    fl = flops(case)
+    for cfg in config_list(kind, D, quick):
+        why = prune(case, cfg)
+        entry = {"config": cfg_str(cfg), "params": variant_of(cfg).params}
+        if why:
+            entry["pruned"] = why
+            print(f"  {cfg_str(cfg):>22}  pruned: {why}", flush=True)
+            row["configs"].append(entry)
+            continue
+        try:
+            got = run_ours(case, variant_of(cfg), q, k, v, m, dout)
+            if refs is not None:
+                ok, detail = accuracy(refs, got)
+            else:
+                ok, detail = True, "no reference"
+            del got
+            t = time_ours(case, variant_of(cfg), q, k, v, m, dout)
+            entry.update(ok=ok, accuracy=detail, ms=t)
+            main_ms = t["fwdbwd"] if grad else t["fwd"]
+            entry["tflops"] = fl / main_ms / 1e9
+            extra = f" fwd {t['fwd']:.3f} bwd {t['bwd']:.3f}" if grad else ""
+            print(f"  {cfg_str(cfg):>22}  {main_ms:8.3f} ms {entry['tflops']:6.1f} TFLOP/s{extra}  "
+                  f"{'ok' if ok else 'ACCURACY FAIL'} [{detail}]", flush=True)
+        except Exception as e:
+            entry["error"] = short_err(e)
+            print(f"  {cfg_str(cfg):>22}  error: {entry['error']}", flush=True)
+            if log:
+                traceback.print_exc(limit=3)
+        row["configs"].append(entry)
+        torch.cuda.empty_cache()
+    for be in natives:
+        try:
+            ms = time_native(case, be, q, k, v, m, dout)
+            row["native"][be] = {"ms": ms, "tflops": fl / ms / 1e9}
+            print(f"  {'native ' + be:>22}  {ms:8.3f} ms {fl / ms / 1e9:6.1f} TFLOP/s", flush=True)
+        except Exception as e:
+            row["native"][be] = {"error": short_err(e)}
+            print(f"  {'native ' + be:>22}  error: {short_err(e)}", flush=True)
+    good = [c for c in row["configs"] if c.get("ok")]
+    if good:
+        best = max(good, key=lambda c: c["tflops"])
+        row["best"] = {"config": best["config"], "tflops": best["tflops"]}
+        if grad:  # separate forward / backward block sizes (what BWD_* params would buy)
+            bf = min(good, key=lambda c: c["ms"]["fwd"])
+            bb = min(good, key=lambda c: c["ms"]["bwd"])
+            ms = bf["ms"]["fwd"] + bb["ms"]["bwd"]
+            row["best_split"] = {"fwd": bf["config"], "bwd": bb["config"], "ms": ms, "tflops": fl / ms / 1e9}
+    del q, k, v, m, dout
+    return row
+
+
+def table(rows):
+    hdr = f"{'case':<20} {'ours':>7} {'target':>6} {'cudnn':>7} {'flash':>7} {'effic':>7}  {'best config':<22} note"
+    lines = [hdr, "-" * len(hdr)]
+    for r in rows:
+        def nat(b):
+            x = r["native"].get(b, {})
+            return f"{x['tflops']:7.1f}" if "tflops" in x else f"{'-':>7}"
+
+        best = r.get("best")
+        ours = f"{best['tflops']:7.1f}" if best else f"{'-':>7}"
+        note = ""
+        if not best:
+            errs = [c.get("error") or ("accuracy" if c.get("ok") is False else c.get("pruned")) for c in r["configs"]]
+            note = "no passing config: " + (next((e for e in errs if e), "") or "")[:60]
+        elif r.get("best_split"):
+            s = r["best_split"]
+            note = f"split fwd {s['fwd']} + bwd {s['bwd']}: {s['tflops']:.1f}"
+        elif best["tflops"] < r["target"]:
+            note = "below target"
+        lines.append(f"{r['case']:<20} {ours} {r['target']:>6} {nat('cudnn')} {nat('flash')} {nat('efficient')}  "
+                     f"{(best or {}).get('config', '-'):<22} {note}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="triton_gpu_results.json")
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all): " + ",".join(CASES))
+    ap.add_argument("--quick", action="store_true", help=f"the first {QUICK} configs per case")
+    ap.add_argument("--jobs", type=int, default=0, help="precompile in N worker processes first")
+    ap.add_argument("--no-native", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="tracebacks for errors")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to benchmark")
+        return 0
+    names = [n for n in args.cases.split(",") if n] or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
+    import triton
+
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
+    if args.jobs > 0:
+        precompile(names, args.jobs, args.quick)
+    natives = [] if args.no_native else ["cudnn", "flash", "efficient"]
+    rows = []
+    t0 = time.time()
+    for n in names:
+        try:
+            rows.append(run_case(n, CASES[n], args.quick, natives, args.verbose))
+        except Exception as e:  # a whole case failing (OOM in the reference, say) must not stop the rest
+            print(f"  case {n} failed: {short_err(e)}", flush=True)
+            rows.append({"case": n, "target": CASES[n][-1], "configs": [], "native": {}, "error": short_err(e)})
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                              "triton": triton.__version__, "rows": rows}, indent=1, default=str))
+    print(f"\n{len(rows)} cases in {time.time() - t0:.0f}s; results in {args.out}\nTFLOP/s, bf16:\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The `triton` family as ``torch.library`` custom ops.
+
+``noflash_tune::triton_fwd`` and ``noflash_tune::triton_bwd`` wrap the rendered Triton modules (templates/triton/).
+Each has a fake (meta) implementation, and the forward op carries its backward through ``register_autograd``, so
+``torch.compile`` keeps a call as one opaque node (no graph break) and autograd runs the fused backward.
+
+The ops take only tensors and plain values: the variant's parameters travel as one canonical JSON string
+(``params``), the specialisation as bools; the mask kind and GQA follow from the tensors. Needs torch >= 2.4.
+"""
+import json
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..codegen import Specialization, load
+from ..variants import Variant
+
+__all__ = ["triton_attention", "params_key", "modules"]
+
+
+def params_key(variant: Variant) -> str:
+    """The canonical string a variant's parameters travel as through the custom ops."""
+    if variant.family != "triton":
+        raise ValueError(f"triton_attention serves the triton family, not {variant.family}")
+    return json.dumps(variant.params, sort_keys=True, separators=(",", ":"))
+
+
+@lru_cache(maxsize=256)
+def _variant(params: str) -> Variant:
+    return Variant.from_json({"family": "triton", "params": json.loads(params)})
+
+
+def _mask_kind(mask: Optional[Tensor]) -> str:
+    if mask is None:
+        return "none"
+    return "bool" if mask.dtype == torch.bool else "float"
+
+
+def modules(params: str, causal: bool, bottom_right: bool, mask_kind: str, gqa: bool):
+    """The rendered (forward, backward) modules of one variant and specialisation (cached by codegen)."""
+    spec = Specialization(causal=bool(causal), mask=mask_kind, gqa=bool(gqa),
+                          causal_bottom_right=bool(causal and bottom_right))
+    variant = _variant(params)
+    return load(variant, spec, 0), load(variant, spec, 1)
+
+
+@torch.library.custom_op("noflash_tune::triton_fwd", mutates_args=())
+def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+               bottom_right: bool, params: str, need_lse: bool) -> Tuple[Tensor, Tensor]:
+    """(out (B,H,L,Ev) in q.dtype, lse (B,H,L) fp32; an empty lse when ``need_lse`` is False)."""
+    fwd, _ = modules(params, causal, bottom_right, _mask_kind(mask), q.shape[1] != k.shape[1])
+    out, lse = fwd.forward(q, k, v, mask, scale, 0.0, 0, need_lse)
+    if lse is None:
+        lse = torch.empty(0, dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+@triton_fwd.register_fake
+def _triton_fwd_fake(q, k, v, mask, scale, causal, bottom_right, params, need_lse):
+    B, H, L, _ = q.shape
+    out = q.new_empty((B, H, L, v.shape[-1]))
+    lse = q.new_empty((B, H, L) if need_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("noflash_tune::triton_bwd", mutates_args=())
+def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
+               scale: float, causal: bool, bottom_right: bool, params: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv): dk/dv of K/V's shapes (summed over the query heads of a GQA group)."""
+    _, bwd = modules(params, causal, bottom_right, _mask_kind(mask), q.shape[1] != k.shape[1])
+    dq, dk, dv, _ = bwd.backward(q, k, v, mask, out, lse, dout, scale, 0.0, 0, False)
+    return dq, dk, dv
+
+
+@triton_bwd.register_fake
+def _triton_bwd_fake(dout, q, k, v, mask, out, lse, scale, causal, bottom_right, params):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, causal, bottom_right, params, need_lse = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, mask, out, lse)
+    ctx.args = (scale, causal, bottom_right, params, need_lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    scale, causal, bottom_right, params, need_lse = ctx.args
+    if not need_lse:
+        raise RuntimeError("noflash_tune::triton_fwd ran with need_lse=False; its output cannot be differentiated")
+    dq, dk, dv = torch.ops.noflash_tune.triton_bwd(dout, q, k, v, mask, out, lse, scale, causal, bottom_right,
+                                                   params)
+    needs = ctx.needs_input_grad
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+            None, None, None, None, None, None)
+
+
+triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_attention(call, variant: Variant, causal_bottom_right: bool = False) -> Tensor:
+    """Run ``variant`` (family ``triton``) on a normalised :class:`~noflash_tune.contract.Call`.
+
+    Returns the output ``(B, H, L, Ev)`` in q's dtype, connected to autograd when an input requires grad. The
+    caller reshapes it to ``call.out_shape``. Dropout and a mask that requires grad are not served here
+    (``variants._triton_reasons`` rejects them).
+    """
+    if call.dropout_p > 0:
+        raise NotImplementedError("the triton family does not implement dropout (served by the PyTorch tiers)")
+    if call.mask is not None and call.mask.requires_grad:
+        raise NotImplementedError("the triton family does not differentiate the mask (served by the PyTorch tiers)")
+    need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+    out, _ = torch.ops.noflash_tune.triton_fwd(call.q, call.k, call.v, call.mask, float(call.scale),
+                                               bool(call.causal), bool(causal_bottom_right), params_key(variant),
+                                               need_lse)
+    return out

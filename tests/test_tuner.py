@@ -1,0 +1,394 @@
+"""The tuner on this CPU: a smoke tune, the VRAM cap as a promise, kill and resume, analytic pruning before any
+launch, and the accuracy gate every candidate passes before it is timed."""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+import noflash_tune
+from noflash_tune import codegen, configs, device, measure, tuner
+from noflash_tune.runtime import fallback
+from noflash_tune.runtime.native import original_sdpa
+from noflash_tune.shapes import Shape, load_shapes
+from noflash_tune.variants import TIER_ORDER, Variant
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = device.device_key("cpu")  # not configs.this_device_info: that imports triton at collection
+COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                          optuna.trial.TrialState.FAIL)
+
+
+def load_study(storage_url: str, shape: Shape) -> optuna.Study:
+    return optuna.load_study(study_name=tuner.study_name(KEY, shape), storage=tuner.open_storage(storage_url))
+
+
+# --- a smoke tune -------------------------------------------------------------------------------------------
+
+def test_smoke_tune_crowns_accurate_winners_and_writes_a_config_that_parses_back(tmp_path, clean_runtime):
+    shapes = load_shapes("smoke", "cpu")
+    opts = tuner.TuneOptions(device="cpu", in_process=True, budget_ms=5, storage=f"journal:{tmp_path / 'j.log'}")
+    results = tuner.tune(shapes, opts)
+    assert [r.shape for r in results] == shapes
+    for r in results:
+        e = r.entry
+        assert e is not None, r.counts
+        winner = Variant.from_json(e["winner"])
+        assert e["ms"] > 0 and math.isfinite(e["ms"])
+        assert e["bucket"] == r.shape.bucket().to_json()
+        assert measure.check_variant(winner, r.shape, "cpu").ok
+        assert r.counts["complete"] > 0 and r.counts["pruned_analytic"] > 0
+        for ru in e["runners_up"]:
+            assert ru["ms"] <= e["ms"] * (1 + tuner.RUNNER_UP_WITHIN)
+        # Every candidate the search evaluated was one of the kept (not analytically pruned) variants.
+        kept = {tuner.variant_id(v) for v in tuner.candidates_for(r.shape, "cpu").kept}
+        study = load_study(opts.storage, r.shape)
+        evaluated = [t.user_attrs["variant"] for t in study.trials if t.state in (COMPLETE, PRUNED)]
+        assert evaluated and set(evaluated) <= kept
+        assert len(evaluated) == len(set(evaluated)) == len(kept)  # exhaustive: each one exactly once
+
+    doc = tuner.results_to_config(results, opts)
+    cfg = configs.parse(doc)
+    path = tmp_path / "out" / f"{KEY}.json"
+    configs.write_file(path, cfg)
+    back = configs.load_file(path)
+    assert sorted(back.entries) == sorted(s.bucket().key for s in shapes)
+    assert back.entries == cfg.entries
+    assert back.device.key == KEY
+
+    # The runtime serves what was tuned: the written file, replayed, picks the tuned winner or native.
+    clean_runtime.setenv("NOFLASH_TUNE_CONFIGS", str(path.parent))
+    noflash_tune.clear_cache()
+    for s in shapes:
+        q, k, v, _ = s.make_inputs("cpu")
+        plan = noflash_tune.explain(q, k, v, is_causal=s.causal)
+        assert plan.source == "tuned" and plan.entry == back.entries[s.bucket().key]
+
+
+# --- the VRAM cap is a promise ------------------------------------------------------------------------------
+
+def test_vram_cap_prunes_variants_over_it_and_no_winner_exceeds_it(tmp_path):
+    # 4 heads x 512 x 512 fp32: native math holds two 4 MiB score matrices, torch_chunked's default three 2 MiB
+    # blocks; torch_online with small blocks and native flash stay near 1 MiB.
+    shape = Shape(B=1, H=4, L=512, E=32, dtype="fp32")
+    cap = 3 << 20
+    math_peak = measure.peak_extra_bytes(measure.make_runner(Variant("native:math"), shape, "cpu"), "cpu")
+    if math_peak is not None:  # None: no RSS high-water mark here; the tuner then uses its estimate (8+ MiB)
+        assert math_peak > cap  # the test's premise: native's fastest path breaks the cap
+    opts = tuner.TuneOptions(device="cpu", in_process=True, budget_ms=5, storage=f"journal:{tmp_path / 'j.log'}",
+                             vram_cap_bytes=cap, trials=10)
+    (res,) = tuner.tune([shape], opts)
+    assert res.counts["pruned_cap"] > 0
+    assert res.entry is not None
+    assert res.entry["peak_mib"] * 2**20 <= cap
+    study = load_study(opts.storage, shape)
+    within = set()
+    for t in study.trials:
+        status = t.user_attrs.get("status")
+        if t.state == COMPLETE:
+            assert t.user_attrs["peak_bytes"] <= cap, t.user_attrs
+            assert max(t.constraints.values()) <= 0
+            within.add(t.user_attrs["variant"])
+        if status == "pruned_cap":
+            assert t.state == PRUNED  # never FAIL: a sampler must learn the infeasible region
+            assert max(t.constraints.values()) > 0
+    assert tuner.variant_id(Variant.from_json(res.entry["winner"])) in within
+    for ru in res.entry["runners_up"]:
+        assert tuner.variant_id(Variant.from_json(ru["variant"])) in within
+    doc = tuner.results_to_config([res], opts)
+    assert doc["vram_cap_gib"] == pytest.approx(cap / 2**30, abs=1e-3)
+    configs.parse(doc)
+
+
+# --- kill and resume ----------------------------------------------------------------------------------------
+
+def _cli(args, env, **kw):
+    return subprocess.Popen([sys.executable, "-m", "noflash_tune.cli", *args], env=env, cwd=str(REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            **kw)
+
+
+def _trials(storage_url: str, shape: Shape) -> list:
+    try:
+        return load_study(storage_url, shape).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+
+
+def _finished(storage_url: str, shape: Shape) -> list:
+    return [t for t in _trials(storage_url, shape) if t.state.is_finished()]
+
+
+def test_a_killed_run_resumes_without_losing_or_repeating_trials(tmp_path):
+    shape = Shape(B=1, H=2, L=128, E=32, dtype="fp32")
+    shape_file = tmp_path / "shapes.json"
+    shape_file.write_text(json.dumps([shape.to_json()]))
+    journal = tmp_path / "j.log"
+    storage = f"journal:{journal}"
+    out = tmp_path / "out"
+    env = dict(os.environ, NOFLASH_TUNE_CACHE_DIR=str(tmp_path / "cache"), NOFLASH_TUNE_USER_DIR=str(tmp_path / "u"),
+               PYTHONPATH=str(REPO), COLUMNS="160")
+    env.pop("NOFLASH_TUNE_CONFIGS", None)
+    args = ["--gpu", "cpu", "--shapes", str(shape_file), "--storage", storage, "--out", str(out),
+            "--measure-ms", "5"]
+
+    proc = _cli(args, env)
+    try:
+        deadline = time.monotonic() + 150
+        # Kill while a trial runs (most of a trial's time is spent in the worker), after 3 have finished.
+        while True:
+            trials = _trials(storage, shape)
+            if sum(t.state.is_finished() for t in trials) >= 3 and any(
+                    t.state == optuna.trial.TrialState.RUNNING for t in trials):
+                break
+            assert proc.poll() is None, f"the tuner exited before it was killed:\n{proc.stdout.read()}"
+            assert time.monotonic() < deadline, "no 3 finished trials within 150 s"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the tuner and its trial worker, mid-run
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        proc.stdout.close()
+    assert not (out / f"{KEY}.json").exists()
+
+    before = {t.number: (t.state, t.value, t.user_attrs.get("variant"))
+              for t in _finished(storage, shape)}
+    assert len(before) >= 3
+    interrupted = {t.number: bool(t.params) for t in _trials(storage, shape)
+                   if t.state == optuna.trial.TrialState.RUNNING}
+    # What a writer killed in the middle of an append leaves (it happens with SIGKILL, or a power cut): a torn
+    # last record. The resumed run must not glue its first record onto it.
+    with open(journal, "ab") as f:
+        f.write(b'{"op_code": 7, "worker_id": "killed", "trial_id": 0, "user_at')
+
+    proc = _cli(args, dict(env, PYTHONFAULTHANDLER="1"))
+    try:
+        log_text, _ = proc.communicate(timeout=200)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGABRT)  # faulthandler prints every thread's stack: where it hangs
+        log_text, _ = proc.communicate(timeout=30)
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the resumed run hung:\n{log_text[-8000:]}")
+    assert proc.returncode == 0, log_text
+
+    study = load_study(storage, shape)
+    trials = study.trials
+    after = {t.number: (t.state, t.value, t.user_attrs.get("variant")) for t in trials}
+    for number, row in before.items():  # nothing finished before the kill was lost or redone
+        assert after[number] == row
+    kept = {tuner.variant_id(v) for v in tuner.candidates_for(shape, "cpu").kept}
+    evaluated = collections.Counter(t.user_attrs.get("variant") for t in trials if t.state in (COMPLETE, PRUNED))
+    assert set(evaluated) == kept, f"never evaluated: {kept - set(evaluated)}"
+    assert all(n == 1 for n in evaluated.values()), evaluated
+    for t in trials:
+        if t.state not in (COMPLETE, PRUNED):
+            assert t.state == FAIL and t.user_attrs.get("status") == "interrupted", (t.number, t.state,
+                                                                                      t.user_attrs)
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    for number, chosen in interrupted.items():  # left RUNNING by the killed run
+        t = trials[number]
+        if chosen:  # marked, and its candidate evaluated again by another trial
+            assert t.state == FAIL and t.user_attrs["status"] == "interrupted"
+            assert evaluated[t.params[tuner.CATEGORICAL]] == 1
+        else:  # killed before it chose a candidate: queued again, and run by the resumed process
+            assert t.state in (COMPLETE, PRUNED)
+    cfg = configs.load_file(out / f"{KEY}.json")
+    assert list(cfg.entries) == [shape.bucket().key]
+
+
+def test_recover_stale_trials_requeues_only_trials_of_dead_processes_of_this_host(tmp_path):
+    study = optuna.create_study(storage=tuner.open_storage(f"journal:{tmp_path / 'j.log'}"), study_name="s")
+    dist = {tuner.CATEGORICAL: optuna.distributions.CategoricalDistribution(["a", "b", "c"])}
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    rows = [(socket.gethostname(), dead.pid), (socket.gethostname(), os.getpid()), ("another-host", dead.pid)]
+    asked = []
+    for host, pid in rows:
+        t = study.ask(fixed_distributions=dist)
+        t.set_user_attr("host", host)
+        t.set_user_attr("pid", pid)
+        asked.append(t)
+
+    assert tuner.recover_stale_trials(study) == 1
+    trials = study.get_trials(deepcopy=False)
+    assert trials[0].state == FAIL and trials[0].user_attrs["status"] == "interrupted"
+    assert trials[1].state == optuna.trial.TrialState.RUNNING  # its process is alive: still running
+    assert trials[2].state == optuna.trial.TrialState.RUNNING  # another host's: not ours to judge
+    assert len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))) == 1
+    assert tuner.recover_stale_trials(study) == 0  # idempotent
+    assert study.ask(fixed_distributions=dist).params == trials[0].params  # its candidate is enqueued again
+
+
+class ReplayRunner:
+    """Stands in for the trial worker: every candidate 'runs' at a fixed time (the search logic is under test)."""
+
+    def __init__(self):
+        self.ran = []
+
+    def run(self, variant, shape, cap, budget_ms):
+        self.ran.append(tuner.variant_id(variant))
+        return {"status": "ok", "ms": 1.0 + 0.01 * len(self.ran), "p20": 1.0, "p80": 1.0, "peak_bytes": 1 << 20}
+
+    def close(self, kill=False):
+        pass
+
+
+def test_resume_after_kills_before_and_after_a_trial_chose_its_candidate(tmp_path):
+    shape = Shape(B=1, H=2, L=128, E=32, dtype="fp32")
+    opts = tuner.TuneOptions(device="cpu", storage=f"journal:{tmp_path / 'j.log'}")
+    storage = tuner.open_storage(opts.storage)
+    first = tuner.TuneOptions(**{**opts.__dict__, "trials": 3})
+    study, cands = tuner.search(shape, first, storage, runner=ReplayRunner())
+    kept = [tuner.variant_id(v) for v in cands.kept]
+    assert len([t for t in study.trials if t.state == COMPLETE]) == 3
+
+    # Two processes that died mid-trial: one after its trial chose a candidate, one before (no params yet).
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    chose = study.ask(fixed_distributions={
+        tuner.CATEGORICAL: optuna.distributions.CategoricalDistribution(kept)})
+    early = study.ask()
+    for t in (chose, early):
+        t.set_user_attr("host", socket.gethostname())
+        t.set_user_attr("pid", dead.pid)
+
+    runner = ReplayRunner()
+    study, _ = tuner.search(shape, opts, storage, runner=runner)
+    trials = study.trials
+    evaluated = collections.Counter(t.user_attrs.get("variant") for t in trials if t.state in (COMPLETE, PRUNED))
+    assert set(evaluated) == set(kept) and all(n == 1 for n in evaluated.values()), evaluated
+    assert chose.params[tuner.CATEGORICAL] in runner.ran  # the interrupted candidate was evaluated again
+    assert len(runner.ran) == len(kept) - 3
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+# --- analytic pruning before launch -------------------------------------------------------------------------
+
+def test_candidates_are_pruned_analytically_with_reasons_before_any_launch(monkeypatch):
+    def no_launch(*a, **kw):
+        raise AssertionError("candidates_for launched a kernel")
+
+    monkeypatch.setattr(codegen, "load", no_launch)
+    monkeypatch.setattr(fallback, "run_variant", no_launch)
+    monkeypatch.setattr(measure, "time_fn", no_launch)
+    shape = Shape(B=1, H=2, L=100, S=90, E=32, dtype="fp32")
+    c = tuner.candidates_for(shape, "cpu")
+    assert c.kept and c.pruned
+    assert all(reason.strip() for _, reason in c.pruned)
+    assert "Triton kernels run on CUDA/ROCm devices, not cpu" in c.families_rejected["triton"]
+    assert not [v for v in c.kept if v.family == "triton"]
+
+    too_tall = [(v, r) for v, r in c.pruned if v.kind == "torch" and v.params["block_m"] > 128]
+    assert too_tall and all("block_m" in r and "exceeds" in r for _, r in too_tall)
+    too_wide = [(v, r) for v, r in c.pruned if "block_n" in v.params and v.params["block_n"] > 128
+                and v.params["block_m"] <= 128 and v.params["compute"] == "input"
+                and v.params["accumulation"] == "fp32"]
+    assert too_wide and all("block_n" in r and "S=90" in r for _, r in too_wide)
+    half = [r for v, r in c.pruned if v.kind == "torch" and v.params["compute"] in ("fp16", "bf16")]
+    assert half and all(r for r in half)
+
+    for v in c.kept:
+        if v.kind == "torch":
+            assert v.params["block_m"] <= 128
+            assert v.params.get("block_n", 64) <= 128
+            assert v.params["compute"] == "input"  # fp32 input: the narrower computes are pruned on CPU
+    families = {v.family for v in c.kept}
+    assert set(TIER_ORDER) <= families and {"native:math", "native:flash"} <= families
+    assert len({tuner.variant_id(v) for v in c.kept}) == len(c.kept)
+    assert not {tuner.variant_id(v) for v in c.kept} & {tuner.variant_id(v) for v, _ in c.pruned}
+
+    # A training shape: the inference-only tier is rejected as a family, with its reason.
+    c = tuner.candidates_for(Shape(B=1, H=2, L=100, E=32, dtype="fp32", grad=True), "cpu")
+    assert "inference only: an input requires grad" in c.families_rejected["torch_inplace"]
+    assert not [v for v in c.kept if v.family == "torch_inplace"]
+
+
+# --- the accuracy gate --------------------------------------------------------------------------------------
+
+def _inputs(dtype=torch.float32, L=100, S=90, E=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 2, n, E, generator=g).to(dtype) for n in (L, S, S)]
+
+
+def test_check_accuracy_flags_an_implementation_that_drops_the_scale():
+    q, k, v = _inputs()
+
+    def no_scale(q, k, v, scale=None, **kw):
+        return original_sdpa(q, k, v, scale=1.0, **kw)
+
+    acc = measure.check_accuracy(no_scale, q, k, v)
+    assert not acc.ok
+    assert str(acc).startswith("out:")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_check_accuracy_flags_noise_of_ten_eps(dtype):
+    q, k, v = _inputs(dtype)
+    eps = torch.finfo(dtype).eps
+
+    def noisy(q, k, v, **kw):
+        out = original_sdpa(q, k, v, **kw)
+        noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        return out + (10 * eps * noise).to(dtype)
+
+    assert measure.check_accuracy(original_sdpa, q, k, v).ok  # the same call without the noise passes
+    assert not measure.check_accuracy(noisy, q, k, v).ok
+
+
+def test_check_accuracy_flags_a_wrong_backward():
+    q, k, v = _inputs()
+
+    class DoubledGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    def bad_backward(q, k, v, **kw):
+        return original_sdpa(q, DoubledGrad.apply(k), v, **kw)
+
+    acc = measure.check_accuracy(bad_backward, q, k, v, grads=True)
+    assert not acc.ok
+    assert "dk" in str(acc) and "dq" not in str(acc)
+
+
+def test_check_accuracy_flags_an_implementation_that_loses_a_gradient():
+    q, k, v = _inputs()
+
+    def detached_query(q, k, v, **kw):
+        return original_sdpa(q.detach(), k, v, **kw)
+
+    assert not measure.check_accuracy(detached_query, q, k, v, grads=True).ok
+
+
+@pytest.mark.parametrize("variant", [Variant("torch_chunked", block_m=32), Variant("torch_online", block_m=32,
+                                                                                  block_n=64),
+                                     Variant("torch_inplace", block_m=64)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_check_accuracy_passes_the_real_tiers(variant, causal):
+    grads = variant.family != "torch_inplace"
+    q, k, v = _inputs(L=77, S=77 if causal else 90)
+
+    def ours(*a, **kw):
+        return noflash_tune.attention(*a, variant=variant, **kw)
+
+    acc = measure.check_accuracy(ours, q, k, v, causal=causal, grads=grads)
+    assert acc.ok, str(acc)
+    assert set(acc.rows) == ({"out", "dq", "dk", "dv"} if grads else {"out"})
+    shape = Shape(B=1, H=2, L=77, E=32, dtype="fp32", causal=causal, grad=grads)
+    assert measure.check_variant(variant, shape, "cpu").ok
