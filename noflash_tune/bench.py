@@ -101,7 +101,7 @@ def _impls(shape: Shape, device, native: str):
     dev_type = torch.device(device).type
     kw = dict(is_causal=shape.causal, enable_gqa=shape.gqa > 1)
     impls = {"noflash-tune (dispatched)": lambda q, k, v, m: sdpa(q, k, v, m, **kw)}
-    q, k, v, m = _meta_inputs(shape, device)
+    q, k, v, m = shape.empty_inputs(device)
     call = contract.normalize(q, k, v, m, 0.0, shape.causal, None, shape.gqa > 1)
     call.needs_grad = shape.grad
     for name, var in _best_of_family(shape, device).items():
@@ -134,12 +134,6 @@ def _impls(shape: Shape, device, native: str):
 def _short(v: Variant) -> str:
     keep = {k: val for k, val in v.params.items() if k in ("block_m", "block_n", "BLOCK_M", "BLOCK_N", "BLOCK_D")}
     return "(" + ",".join(f"{k}={val}" for k, val in keep.items()) + ")" if keep else ""
-
-
-def _meta_inputs(shape: Shape, device):
-    from .tuner import _meta_like
-
-    return _meta_like(shape, device)
 
 
 def run_one(shape: Shape, name: str, fn, device, budget_ms: float) -> Row:

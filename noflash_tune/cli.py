@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
@@ -226,27 +227,67 @@ def cmd_verify(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    import torch
-
     from . import explain
     from .shapes import Shape
-    from .variants import dtype_from_name
 
     dev = _device_for(args.gpu)
     s = Shape(B=args.batch, H=args.heads, Hkv=args.kv_heads or args.heads, L=args.seq_q, S=args.seq_k or args.seq_q,
               E=args.head_dim, Ev=args.head_dim_v or args.head_dim, dtype=args.dtype, causal=args.causal,
               mask=args.mask, grad=args.grad)
-    dt = dtype_from_name(s.dtype)
-    q = torch.empty(s.B, s.H, s.L, s.E, dtype=dt, device=dev, requires_grad=s.grad)
-    k = torch.empty(s.B, s.Hkv, s.S, s.E, dtype=dt, device=dev)
-    v = torch.empty(s.B, s.Hkv, s.S, s.Ev, dtype=dt, device=dev)
-    mask = None
-    if s.mask == "bool":
-        mask = torch.ones(s.B, 1, 1, s.S, dtype=torch.bool, device=dev)
-    elif s.mask == "float":
-        mask = torch.zeros(s.B, 1, 1, s.S, dtype=dt, device=dev)
+    q, k, v, mask = s.empty_inputs(dev, requires_grad=s.grad)
     console.print(str(explain(q, k, v, attn_mask=mask, is_causal=s.causal, enable_gqa=s.Hkv != s.H)),
                   markup=False, highlight=False)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    """The device, its native backends, the config files found (and whether stale), and typical plans."""
+    import torch
+
+    from . import __version__, device as devmod, explain
+    from .configs import load_for_device
+    from .shapes import Shape
+
+    dev = _device_for(args.gpu)
+    key = devmod.device_key(dev)
+    v = devmod.versions()
+    console.print(f"noflash-tune {__version__} | torch {v['torch']} | triton {v['triton'] or 'absent'} | "
+                  f"driver {v['driver'] or '-'}")
+    console.print(f"device   {key}: {devmod.device_name(dev)}, {devmod.total_memory_bytes(dev) / 2**30:.1f} GiB, "
+                  f"{devmod.free_memory_bytes(dev) / 2**30:.1f} GiB free")
+    if torch.device(dev).type == "cuda":
+        flags = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled(), "flash": torch.backends.cuda.flash_sdp_enabled(),
+                 "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                 "math": torch.backends.cuda.math_sdp_enabled()}
+    else:
+        flags = {"flash (CPU)": torch.backends.cuda.flash_sdp_enabled(), "math": torch.backends.cuda.math_sdp_enabled()}
+    console.print("native   " + ", ".join(f"{k} {'on' if on else 'off'}" for k, on in flags.items()))
+    cs = load_for_device(key)
+    console.print(f"configs  searched {', '.join(str(p) for p in cs.searched)}")
+    for path in cs.files:
+        n = sum(1 for e in cs.entries if e.source == path)
+        stale = sum(1 for e in cs.entries if e.source == path and e.stale)
+        console.print(f"         {path}: {n} entries" + (f", [yellow]{stale} stale[/]" if stale else ""))
+    for path, why in cs.skipped:
+        console.print(f"         [red]skipped[/] {path}: {why}")
+    if not cs.files:
+        console.print("         none found: run `noflash-tune` to tune this device")
+    cpu = torch.device(dev).type == "cpu"
+    dt = "fp32" if cpu else "bf16"
+    typical = [
+        ("LLM prefill", Shape(B=1, H=32, Hkv=8, L=2048 if cpu else 8192, E=128, dtype=dt, causal=True)),
+        ("LLM decode", Shape(B=1, H=32, Hkv=8, L=1, S=4096, E=128, dtype=dt)),
+        ("diffusion", Shape(B=1, H=16 if cpu else 24, L=4096, E=64, dtype=dt)),
+        ("padded batch", Shape(B=4, H=16, L=1024, E=64, dtype=dt, mask="bool")),
+        ("large head dim", Shape(B=1, H=8, L=4096, E=512, dtype=dt)),
+        ("training", Shape(B=1, H=16, L=2048, E=128, dtype=dt, causal=True, grad=True)),
+    ]
+    for name, s in typical:
+        q, k, v, mask = s.empty_inputs(dev, requires_grad=s.grad)
+        plan = explain(q, k, v, attn_mask=mask, is_causal=s.causal, enable_gqa=s.Hkv != s.H)
+        chosen = str(plan.variant) if plan.variant is not None else "native SDPA"
+        console.print(f"[bold]{name}[/] ({s.label()}): {escape(chosen)} \\[{plan.source}] - "
+                      f"{escape(plan.reason)}", highlight=False)
     return 0
 
 
@@ -313,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--causal", action="store_true")
     sp.add_argument("--mask", default="none", choices=("none", "bool", "float"))
     sp.add_argument("--grad", action="store_true")
+    sp = sub.add_parser("doctor", help="the device, native backends, config files found, and typical plans")
+    sp.add_argument("--gpu", default="auto")
     sp = sub.add_parser("bench", help="benchmark against native SDPA backends, FlexAttention and "
                                       "noflash-attention (table + PNG plots)")
     sp.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
@@ -327,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {None: cmd_tune, "tune": cmd_tune, "show": cmd_show, "export": cmd_export, "import": cmd_import,
-                "verify": cmd_verify, "explain": cmd_explain, "bench": cmd_bench}
+                "verify": cmd_verify, "explain": cmd_explain, "bench": cmd_bench,
+                "doctor": cmd_doctor}
     try:
         return handlers[args.command](args)
     except CliError as exc:

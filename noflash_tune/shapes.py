@@ -128,6 +128,20 @@ class Shape:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def empty_inputs(self, device, requires_grad: bool = False):
+        """Uninitialised q, k, v (and a mask of this shape's kind): for planning and pruning, which read only
+        shapes, dtypes and devices."""
+        dt = dtype_from_name(self.dtype)
+        q = torch.empty(self.B, self.H, self.L, self.E, dtype=dt, device=device, requires_grad=requires_grad)
+        k = torch.empty(self.B, self.Hkv, self.S, self.E, dtype=dt, device=device)
+        v = torch.empty(self.B, self.Hkv, self.S, self.Ev, dtype=dt, device=device)
+        mask = None
+        if self.mask == "bool":
+            mask = torch.ones(self.B, 1, 1, self.S, dtype=torch.bool, device=device)
+        elif self.mask == "float":
+            mask = torch.zeros(self.B, 1, 1, self.S, dtype=dt, device=device)
+        return q, k, v, mask
+
     def make_inputs(self, device, seed: int = 0):
         """Random q, k, v (and the mask this shape names): the tuner's and the benchmarks' inputs."""
         g = torch.Generator(device="cpu").manual_seed(seed)

@@ -71,7 +71,7 @@ def candidates_for(shape: Shape, device) -> Candidates:
     """Every variant of every family that can serve ``shape`` on ``device``, after analytic pruning."""
     from . import contract
 
-    q, k, v, mask = _meta_like(shape, device)
+    q, k, v, mask = shape.empty_inputs(device)
     call = contract.normalize(q, k, v, mask, 0.0, shape.causal, None, shape.gqa > 1)
     call.needs_grad = shape.grad
     kept, pruned, rejected = [], [], {}
@@ -88,21 +88,6 @@ def candidates_for(shape: Shape, device) -> Candidates:
         for var, reason in variants.candidate_space(name, call):
             (pruned.append((var, reason)) if reason else kept.append(var))
     return Candidates(kept=kept, pruned=pruned, families_rejected=rejected)
-
-
-def _meta_like(shape: Shape, device):
-    """Inputs with the right metadata but no storage worth filling (reasons/pruning only read shapes)."""
-    dt = variants.dtype_from_name(shape.dtype)
-    dev = torch.device(device)
-    q = torch.empty(shape.B, shape.H, shape.L, shape.E, dtype=dt, device=dev)
-    k = torch.empty(shape.B, shape.Hkv, shape.S, shape.E, dtype=dt, device=dev)
-    v = torch.empty(shape.B, shape.Hkv, shape.S, shape.Ev, dtype=dt, device=dev)
-    mask = None
-    if shape.mask == "bool":
-        mask = torch.ones(shape.B, 1, 1, shape.S, dtype=torch.bool, device=dev)
-    elif shape.mask == "float":
-        mask = torch.zeros(shape.B, 1, 1, shape.S, dtype=dt, device=dev)
-    return q, k, v, mask
 
 
 # --- one trial (runs in the worker process) ----------------------------------------------------------------
@@ -122,7 +107,7 @@ def run_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, bud
             from .runtime.fallback import workspace_bytes
             from . import contract
 
-            q, k, v, m = _meta_like(shape, device)
+            q, k, v, m = shape.empty_inputs(device)
             c = contract.normalize(q, k, v, m, 0.0, shape.causal, None, shape.gqa > 1)
             c.needs_grad = shape.grad
             peak = workspace_bytes(variant, c)
@@ -153,7 +138,7 @@ def synthetic_trial(variant: Variant, shape: Shape, device, cap_bytes: int | Non
     from . import contract
     from .runtime.fallback import workspace_bytes
 
-    q, k, v, m = _meta_like(shape, device)
+    q, k, v, m = shape.empty_inputs(device)
     call = contract.normalize(q, k, v, m, 0.0, shape.causal, None, shape.gqa > 1)
     call.needs_grad = shape.grad
     peak = int(workspace_bytes(variant, call))
@@ -576,7 +561,8 @@ def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidate
     if native_best is not None:
         native_best = (native_best[0], best_per_variant[native_best[0]])
     winner_vid, winner_ms = ours_ranked[0] if ours_ranked else native_best
-    runners = [(vid, ms) for vid, ms in ranked if vid != winner_vid and ms <= winner_ms * (1 + RUNNER_UP_WITHIN)]
+    # Runners-up: our other variants within 3% (native backends are recorded apart, as "native").
+    runners = [(vid, ms) for vid, ms in ours_ranked if vid != winner_vid and ms <= winner_ms * (1 + RUNNER_UP_WITHIN)]
     entry = {
         "bucket": shape.bucket().to_json(),
         "shape": shape.to_json(),

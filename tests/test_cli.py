@@ -192,3 +192,14 @@ def test_module_entry_point_exits_with_the_command_status():
     res = _module_cli("explain", "-H", "2", "-L", "64", "-D", "16", "--gpu", "cpu")
     assert res.returncode == 0, res.stderr
     assert "noflash-tune plan for q(1, 2, 64, 16)" in res.stdout
+
+
+def test_doctor_reports_device_backends_configs_and_plans(capsys):
+    from noflash_tune import cli
+
+    assert cli.main(["doctor", "--gpu", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu-" in out and "native" in out and "configs" in out
+    for name in ("LLM prefill", "LLM decode", "diffusion", "padded batch", "large head dim", "training"):
+        assert name in out
+    assert "[native]" in out or "[tuned]" in out or "[default]" in out
