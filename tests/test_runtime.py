@@ -178,6 +178,17 @@ def test_native_serves_where_it_measured_faster(rt, tmp_path):
     assert torch.equal(out, original_sdpa(q, k, v))
 
 
+def test_a_native_time_measured_on_a_backend_this_call_cannot_use_is_ignored(rt, tmp_path):
+    """The bucket's native time came from CPU flash; with dropout, flash refuses the call and native would run
+    its math path, so the tuned variant serves it."""
+    record_configs(rt, tmp_path, tuned_entry(ours_ms=3.0, native_ms=1.0))
+    q, k, v = qkv(L=256)
+    assert noflash_tune.explain(q, k, v).variant is None
+    plan = noflash_tune.explain(q, k, v, dropout_p=0.1)
+    assert plan.variant == TUNED and plan.source == "tuned"
+    assert "dropout > 0" in plan.rejected["native:flash"]
+
+
 def test_nearest_sequence_bucket_serves_another_length(rt, tmp_path):
     entry = tuned_entry(L=256, ours_ms=1.0, native_ms=2.0)
     record_configs(rt, tmp_path, entry)

@@ -166,6 +166,10 @@ def build_plan(call: contract.Call) -> Plan:
         where = f"{how} bucket {entry.bucket.key}"
         mine = _best_of_ours(entry, call)
         nat = entry.native
+        if nat is not None and nat[0] != "math" and nat[0] not in native_fused:
+            # The native backend timed for this bucket does not take this call (dropout, Ev != E, a mask...):
+            # native would fall back to another path, so that time says nothing here.
+            nat = None
         if mine is not None:
             mine_ms = entry.ms if mine == entry.winner else dict(
                 (v, ms) for v, ms in entry.runners_up).get(mine, entry.ms)
