@@ -24,11 +24,13 @@ from .variants import Variant
 # --- the math reference ------------------------------------------------------------------------------------
 
 
-def math_attention(q, k, v, mask=None, causal=False, scale=None, enable_gqa=False, dtype=None, order="k"):
+def math_attention(q, k, v, mask=None, causal=False, scale=None, enable_gqa=False, dtype=None, order="k",
+                   causal_bottom_right=False):
     """SDPA's math semantics, explicitly, computed in ``dtype`` (default: the inputs'); autograd-capable.
 
     With ``dtype`` a low precision this is flash-attn's ``upcast=False`` baseline: the same math with no upcast.
     ``order`` places the scale: "k" (flash-attn's reorder_ops), "q", or "split" (native math: sqrt(scale) on both).
+    ``causal_bottom_right`` aligns the causal pattern to the last key (flash-attn's convention; SDPA's is top-left).
     """
     dt = dtype or q.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
@@ -45,7 +47,8 @@ def math_attention(q, k, v, mask=None, causal=False, scale=None, enable_gqa=Fals
         s = q @ (k * sc).transpose(-1, -2)
     L, S = q.size(-2), k.size(-2)
     if causal:
-        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        diag = S - L + 1 if causal_bottom_right else 1
+        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(diag), float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(dt)
     mx = s.amax(-1, keepdim=True).detach()

@@ -25,6 +25,7 @@ triton = pytest.importorskip("triton")
 
 from noflash_tune.codegen import Specialization, load  # noqa: E402
 from noflash_tune.contract import normalize  # noqa: E402
+from noflash_tune.measure import math_attention  # noqa: E402
 from noflash_tune.runtime.triton_op import params_key, triton_attention  # noqa: E402
 from noflash_tune.variants import Variant  # noqa: E402
 
@@ -55,27 +56,6 @@ if INTERPRET:
 
 
 # --- references ----------------------------------------------------------------------------------------------
-
-def _explicit_math(q, k, v, mask, scale, causal, bottom_right, groups):
-    """SDPA's math in the tensors' own dtype: top-left (or bottom-right) causal, bool True = keep, float added,
-    safe softmax (rows with no visible key give 0), GQA by repeat_interleave."""
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=-3)
-        v = v.repeat_interleave(groups, dim=-3)
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    L, S = s.shape[-2:]
-    if causal:
-        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L if bottom_right else 0)
-        s = s.masked_fill(~keep, float("-inf"))
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
-    mx = s.amax(-1, keepdim=True)
-    mx = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx).detach()
-    p = torch.exp(s - mx)
-    den = p.sum(-1, keepdim=True)
-    p = p / torch.where(den == 0, torch.ones_like(den), den)
-    return torch.matmul(p, v)
-
 
 def _floor(ref, dtype):
     r = ref.to(dtype)
@@ -123,10 +103,11 @@ def _run_case(B, H, Hkv, L, S, E, Ev, dtype, causal=False, bottom_right=False, m
     assert out.shape == (B, H, L, Ev) and out.dtype == dtype
 
     ref_in = [t.detach().double().requires_grad_(grad) for t in (q, k, v)]
-    ref = _explicit_math(*ref_in, mask if mask is None or mask.dtype == torch.bool else mask.double(), sc,
-                         causal, bottom_right, groups)
+    ref = math_attention(*ref_in, mask if mask is None or mask.dtype == torch.bool else mask.double(),
+                         causal=causal, scale=sc, enable_gqa=groups > 1, causal_bottom_right=bottom_right)
     low_in = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
-    low = _explicit_math(*low_in, mask, sc, causal, bottom_right, groups)
+    low = math_attention(*low_in, mask, causal=causal, scale=sc, enable_gqa=groups > 1,
+                         causal_bottom_right=bottom_right)
     _check("out", out.detach(), low.detach(), ref.detach(), dtype)
     if not grad:
         return out
