@@ -94,9 +94,7 @@ def _best_of_family(shape: Shape, device) -> dict[str, Variant]:
 
 def _impls(shape: Shape, device, native: str):
     """name -> callable(q, k, v, mask) for every implementation that applies to ``shape``."""
-    from .runtime import fallback
     from .runtime.dispatch import sdpa
-    from .runtime.native import original_sdpa, pinned
 
     dev_type = torch.device(device).type
     kw = dict(is_causal=shape.causal, enable_gqa=shape.gqa > 1)
@@ -104,23 +102,14 @@ def _impls(shape: Shape, device, native: str):
     q, k, v, m = shape.empty_inputs(device)
     call = contract.normalize(q, k, v, m, 0.0, shape.causal, None, shape.gqa > 1)
     call.needs_grad = shape.grad
-    for name, var in _best_of_family(shape, device).items():
-        if FAMILIES[name].reasons(call):
-            continue
-
-        def run(q, k, v, m, var=var):
-            c = contract.normalize(q, k, v, m, 0.0, shape.causal, None, shape.gqa > 1)
-            return fallback.run_variant(var, c)
-        impls[f"{name} {_short(var)}"] = run
+    chosen = [(f"{name} {_short(var)}", var) for name, var in _best_of_family(shape, device).items()]
     backends = ("math",) if native == "math-only" else NATIVE
-    for b in backends:
-        if devmod.native_backend_reasons(b, call):
+    chosen += [(f"native {b}", Variant(f"native:{b}")) for b in backends]
+    for label, var in chosen:
+        if var.spec.reasons(call):
             continue
-
-        def nat(q, k, v, m, b=b):
-            with pinned(b):
-                return original_sdpa(q, k, v, m, **kw)
-        impls[f"native {b}"] = nat
+        fn = measure.variant_fn(var)
+        impls[label] = lambda q, k, v, m, fn=fn: fn(q, k, v, attn_mask=m, **kw)
     if dev_type == "cuda":
         flex = _flex(shape)
         if flex is not None:
