@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import contract, device as devmod, measure
+from . import device as devmod, measure
 from .shapes import Shape
 from .variants import FAMILIES, Variant
 
@@ -99,9 +99,7 @@ def _impls(shape: Shape, device, native: str):
     dev_type = torch.device(device).type
     kw = dict(is_causal=shape.causal, enable_gqa=shape.gqa > 1)
     impls = {"noflash-tune (dispatched)": lambda q, k, v, m: sdpa(q, k, v, m, **kw)}
-    q, k, v, m = shape.empty_inputs(device)
-    call = contract.normalize(q, k, v, m, 0.0, shape.causal, None, shape.gqa > 1)
-    call.needs_grad = shape.grad
+    call = shape.planning_call(device)
     chosen = [(f"{name} {_short(var)}", var) for name, var in _best_of_family(shape, device).items()]
     backends = ("math",) if native == "math-only" else NATIVE
     chosen += [(f"native {b}", Variant(f"native:{b}")) for b in backends]

@@ -176,7 +176,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from . import configs, tuner
+    from . import configs, trials, tuner
 
     cfg = configs.load_file(Path(args.file))
     dev = _device_for(args.gpu)
@@ -186,7 +186,7 @@ def cmd_verify(args) -> int:
         table.add_column(col, no_wrap=col == "bucket")
     flagged = 0
     for e in sorted(cfg.entries.values(), key=lambda e: e.key):
-        runner = tuner.TrialRunner(dev, in_process=opts.in_process)
+        runner = trials.TrialRunner(dev, in_process=opts.in_process)
         budget = opts.budget_ms or 150.0
         try:
             res = runner.run(e.winner, e.shape, None, budget)

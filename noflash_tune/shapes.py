@@ -142,6 +142,16 @@ class Shape:
             mask = torch.zeros(self.B, 1, 1, self.S, dtype=dt, device=device)
         return q, k, v, mask
 
+    def planning_call(self, device):
+        """A normalised Call of this shape on empty tensors: what families' reasons, analytic pruning and the
+        workspace model read (shapes, dtypes, flags), with no data behind it."""
+        from .contract import normalize
+
+        q, k, v, mask = self.empty_inputs(device)
+        call = normalize(q, k, v, mask, 0.0, self.causal, None, self.gqa > 1)
+        call.needs_grad = self.grad
+        return call
+
     def make_inputs(self, device, seed: int = 0):
         """Random q, k, v (and the mask this shape names): the tuner's and the benchmarks' inputs."""
         g = torch.Generator(device="cpu").manual_seed(seed)

@@ -14,7 +14,6 @@ of this host are marked failed and re-enqueued. The product is small and determi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -22,17 +21,16 @@ import multiprocessing as mp
 import os
 import socket
 import time
-import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import warnings
 
 import optuna
 import torch
 
 from . import codegen, device as devmod, variants
 from .shapes import Shape
+from .trials import TrialRunner, variant_from_id, variant_id
 from .variants import FAMILIES, Variant
 
 log = logging.getLogger("noflash_tune")
@@ -41,24 +39,9 @@ EXHAUSTIVE_MAX = 400
 REMEASURE_TOP = 3
 RUNNER_UP_WITHIN = 0.03
 CATEGORICAL = "variant"
-OBJECTIVES = ("measure", "synthetic")
-SYNTHETIC_GFLOPS = 20.0  # the synthetic objective's nominal throughput, so its times read like a CPU's
 
 
 # --- candidates -------------------------------------------------------------------------------------------
-
-def variant_id(v: Variant) -> str:
-    return v.family + ("|" + ",".join(f"{k}={val}" for k, val in v.params.items()) if v.params else "")
-
-
-def variant_from_id(s: str) -> Variant:
-    family, _, rest = s.partition("|")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        key, _, raw = item.partition("=")
-        params[key] = int(raw) if raw.lstrip("-").isdigit() else raw
-    return Variant(family, **params)
-
 
 @dataclass
 class Candidates:
@@ -69,11 +52,7 @@ class Candidates:
 
 def candidates_for(shape: Shape, device) -> Candidates:
     """Every variant of every family that can serve ``shape`` on ``device``, after analytic pruning."""
-    from . import contract
-
-    q, k, v, mask = shape.empty_inputs(device)
-    call = contract.normalize(q, k, v, mask, 0.0, shape.causal, None, shape.gqa > 1)
-    call.needs_grad = shape.grad
+    call = shape.planning_call(device)
     kept, pruned, rejected = [], [], {}
     dev_type = torch.device(device).type
     for name, fam in FAMILIES.items():
@@ -88,131 +67,6 @@ def candidates_for(shape: Shape, device) -> Candidates:
         for var, reason in variants.candidate_space(name, call):
             (pruned.append((var, reason)) if reason else kept.append(var))
     return Candidates(kept=kept, pruned=pruned, families_rejected=rejected)
-
-
-# --- one trial (runs in the worker process) ----------------------------------------------------------------
-
-def run_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, budget_ms: float) -> dict:
-    """Accuracy, then peak memory against the cap, then time. Returns a JSON-able result."""
-    from . import measure
-    from .runtime.fallback import is_oom
-
-    try:
-        acc = measure.check_variant(variant, shape, device)
-        if not acc.ok:
-            return {"status": "pruned_accuracy", "reason": str(acc)[:300]}
-        runner = measure.make_runner(variant, shape, device)
-        peak = measure.peak_extra_bytes(runner, device)
-        if peak is None:
-            from .runtime.fallback import workspace_bytes
-            from . import contract
-
-            q, k, v, m = shape.empty_inputs(device)
-            c = contract.normalize(q, k, v, m, 0.0, shape.causal, None, shape.gqa > 1)
-            c.needs_grad = shape.grad
-            peak = workspace_bytes(variant, c)
-        if cap_bytes is not None and peak > cap_bytes:
-            return {"status": "pruned_cap", "peak_bytes": peak,
-                    "reason": f"peak {peak / 2**20:.1f} MiB > cap {cap_bytes / 2**20:.1f} MiB"}
-        t = measure.time_fn(runner, device, budget_ms)
-        return {"status": "ok", "ms": t.ms, "p20": t.p20, "p80": t.p80, "peak_bytes": peak}
-    except Exception as exc:  # noqa: BLE001 - a trial's failure is data, not a crash of the tuner
-        if is_oom(exc):
-            return {"status": "pruned_cap", "reason": f"out of memory: {str(exc).splitlines()[0][:200]}"}
-        kind = "compile" if variant.kind == "triton" else "error"
-        return {"status": f"failed_{kind}", "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
-                "trace": traceback.format_exc()[-2000:]}
-    finally:
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def synthetic_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, sleep_ms: float = 0.0) -> dict:
-    """The deterministic stand-in objective (``--objective synthetic``): no kernel runs.
-
-    The time is a pure function of the variant and the shape (a sha256 of both, spread over 0.5x..2x of the shape's
-    FLOPs at ``SYNTHETIC_GFLOPS``), so any machine, process or run order gets the same numbers; the peak memory is
-    the analytic workspace model, so the VRAM cap prunes as it does for measured trials. ``sleep_ms`` stands in
-    for a kernel's run time, so that concurrent tuning processes really interleave. For testing distributed
-    tuning and the tuner itself."""
-    from . import contract
-    from .runtime.fallback import workspace_bytes
-
-    q, k, v, m = shape.empty_inputs(device)
-    call = contract.normalize(q, k, v, m, 0.0, shape.causal, None, shape.gqa > 1)
-    call.needs_grad = shape.grad
-    peak = int(workspace_bytes(variant, call))
-    if sleep_ms > 0:
-        time.sleep(sleep_ms / 1000)
-    if cap_bytes is not None and peak > cap_bytes:
-        return {"status": "pruned_cap", "peak_bytes": peak,
-                "reason": f"peak {peak / 2**20:.1f} MiB > cap {cap_bytes / 2**20:.1f} MiB"}
-    key = json.dumps([variant_id(variant), shape.to_json()], sort_keys=True).encode()
-    u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
-    ms = shape.flops() / (SYNTHETIC_GFLOPS * 1e9) * 1e3 * (0.5 + 1.5 * u)
-    return {"status": "ok", "ms": ms, "p20": ms, "p80": ms, "peak_bytes": peak}
-
-
-def _worker_main(conn, device: str):
-    torch.manual_seed(0)
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            return
-        vid, shape_json, cap, budget = msg
-        conn.send(run_trial(variant_from_id(vid), Shape(**shape_json), device, cap, budget))
-
-
-class TrialRunner:
-    """Runs trials in a child process (spawned once, reused), restarted after a timeout or a crash."""
-
-    def __init__(self, device: str, in_process: bool = False, timeout_s: float = 300.0, objective: str = "measure",
-                 sleep_ms: float = 0.0):
-        self.device, self.in_process, self.timeout_s = device, in_process, timeout_s
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        self.objective, self.sleep_ms = objective, sleep_ms  # sleep_ms: the synthetic objective's stand-in run time
-        self.proc = None
-        self.conn = None
-
-    def _start(self):
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, self.device), daemon=True)
-        self.proc.start()
-        self.conn = parent
-
-    def run(self, variant: Variant, shape: Shape, cap: int | None, budget_ms: float) -> dict:
-        if self.objective == "synthetic":  # nothing is launched: no worker process needed
-            return synthetic_trial(variant, shape, self.device, cap, self.sleep_ms)
-        if self.in_process:
-            return run_trial(variant, shape, self.device, cap, budget_ms)
-        if self.proc is None or not self.proc.is_alive():
-            self._start()
-        self.conn.send((variant_id(variant), shape.to_json(), cap, budget_ms))
-        if self.conn.poll(self.timeout_s):
-            try:
-                return self.conn.recv()
-            except EOFError:
-                pass
-        code = self.proc.exitcode
-        self.close(kill=True)
-        return {"status": "failed_error", "reason": f"worker timed out after {self.timeout_s:.0f} s"
-                if code is None else f"worker died (exit code {code})"}
-
-    def close(self, kill: bool = False):
-        if self.proc is None:
-            return
-        try:
-            if not kill and self.proc.is_alive():
-                self.conn.send(None)
-                self.proc.join(10)
-        except (BrokenPipeError, OSError):
-            pass
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
-        self.proc = None
 
 
 # --- studies ----------------------------------------------------------------------------------------------

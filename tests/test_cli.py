@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from noflash_tune import cli, configs, device, tuner
+from noflash_tune import cli, configs, device
+from noflash_tune.trials import TrialRunner
 from noflash_tune.shapes import Shape, load_shapes
 from noflash_tune.variants import Variant
 
@@ -127,7 +128,7 @@ def _fake_times(monkeypatch, times: dict):
     def run(self, variant, shape, cap, budget_ms):
         return {"status": "ok", "ms": times[str(variant)], "p20": 0.0, "p80": 0.0, "peak_bytes": 0}
 
-    monkeypatch.setattr(tuner.TrialRunner, "run", run)
+    monkeypatch.setattr(TrialRunner, "run", run)
 
 
 def test_verify_verdicts_follow_the_measurements(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import optuna
 import pytest
 
 from noflash_tune import configs, tuner
+from noflash_tune.trials import TrialRunner, synthetic_trial, variant_from_id, variant_id
 from noflash_tune.shapes import Shape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,7 +110,7 @@ def _check_studies(storage_url: str, processes: int) -> set[int]:
         bad = [(t.number, t.state, t.user_attrs) for t in trials
                if t.state not in (COMPLETE, PRUNED) or "status" not in t.user_attrs]
         assert not bad, bad
-        kept = {tuner.variant_id(v) for v in tuner.candidates_for(shape, "cpu").kept}
+        kept = {variant_id(v) for v in tuner.candidates_for(shape, "cpu").kept}
         # A trial whose candidate another process already held (BruteForceSampler is no lock: see below) ends
         # PRUNED with status "duplicate" and evaluates nothing.
         skipped = [t for t in trials if t.user_attrs["status"] == "duplicate"]
@@ -169,18 +170,18 @@ def test_workers_2_on_one_host_matches_one_process(tmp_path, single_process_winn
 def test_the_synthetic_objective_is_deterministic_runs_nothing_and_keeps_the_vram_cap():
     shape = SHAPES[-1]
     kept = tuner.candidates_for(shape, "cpu").kept
-    runner = tuner.TrialRunner("cpu", objective="synthetic")
-    first = {tuner.variant_id(v): runner.run(v, shape, None, 5.0) for v in kept}
+    runner = TrialRunner("cpu", objective="synthetic")
+    first = {variant_id(v): runner.run(v, shape, None, 5.0) for v in kept}
     assert runner.proc is None  # no worker process: nothing is launched
-    again = {vid: tuner.synthetic_trial(tuner.variant_from_id(vid), shape, "cpu", None) for vid in first}
+    again = {vid: synthetic_trial(variant_from_id(vid), shape, "cpu", None) for vid in first}
     assert first == again and all(r["status"] == "ok" and r["ms"] > 0 for r in first.values())
     assert len({r["ms"] for r in first.values()}) == len(first)  # no ties: a single winner per shape
     cap = int(float(CAP_GIB) * 2**30)
-    capped = {vid: tuner.synthetic_trial(tuner.variant_from_id(vid), shape, "cpu", cap) for vid in first}
+    capped = {vid: synthetic_trial(variant_from_id(vid), shape, "cpu", cap) for vid in first}
     for vid, r in capped.items():
         assert r["status"] == ("pruned_cap" if first[vid]["peak_bytes"] > cap else "ok"), (vid, r)
     with pytest.raises(ValueError, match="objective"):
-        tuner.TrialRunner("cpu", objective="guess")
+        TrialRunner("cpu", objective="guess")
 
 
 def test_crowning_waits_for_live_trials_only():

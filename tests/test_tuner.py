@@ -19,6 +19,7 @@ import torch
 
 import noflash_tune
 from noflash_tune import codegen, configs, device, measure, tuner
+from noflash_tune.trials import variant_id
 from noflash_tune.runtime import fallback
 from noflash_tune.runtime.native import original_sdpa
 from noflash_tune.shapes import Shape, load_shapes
@@ -52,7 +53,7 @@ def test_smoke_tune_crowns_accurate_winners_and_writes_a_config_that_parses_back
         for ru in e["runners_up"]:
             assert ru["ms"] <= e["ms"] * (1 + tuner.RUNNER_UP_WITHIN)
         # Every candidate the search evaluated was one of the kept (not analytically pruned) variants.
-        kept = {tuner.variant_id(v) for v in tuner.candidates_for(r.shape, "cpu").kept}
+        kept = {variant_id(v) for v in tuner.candidates_for(r.shape, "cpu").kept}
         study = load_study(opts.storage, r.shape)
         evaluated = [t.user_attrs["variant"] for t in study.trials if t.state in (COMPLETE, PRUNED)]
         assert evaluated and set(evaluated) <= kept
@@ -103,9 +104,9 @@ def test_vram_cap_prunes_variants_over_it_and_no_winner_exceeds_it(tmp_path):
         if status == "pruned_cap":
             assert t.state == PRUNED  # never FAIL: a sampler must learn the infeasible region
             assert max(t.constraints.values()) > 0
-    assert tuner.variant_id(Variant.from_json(res.entry["winner"])) in within
+    assert variant_id(Variant.from_json(res.entry["winner"])) in within
     for ru in res.entry["runners_up"]:
-        assert tuner.variant_id(Variant.from_json(ru["variant"])) in within
+        assert variant_id(Variant.from_json(ru["variant"])) in within
     doc = tuner.results_to_config([res], opts)
     assert doc["vram_cap_gib"] == pytest.approx(cap / 2**30, abs=1e-3)
     configs.parse(doc)
@@ -188,7 +189,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_trials(tmp_path):
     after = {t.number: (t.state, t.value, t.user_attrs.get("variant")) for t in trials}
     for number, row in before.items():  # nothing finished before the kill was lost or redone
         assert after[number] == row
-    kept = {tuner.variant_id(v) for v in tuner.candidates_for(shape, "cpu").kept}
+    kept = {variant_id(v) for v in tuner.candidates_for(shape, "cpu").kept}
     evaluated = collections.Counter(t.user_attrs.get("variant") for t in trials if t.state in (COMPLETE, PRUNED))
     assert set(evaluated) == kept, f"never evaluated: {kept - set(evaluated)}"
     assert all(n == 1 for n in evaluated.values()), evaluated
@@ -238,7 +239,7 @@ class ReplayRunner:
         self.ran = []
 
     def run(self, variant, shape, cap, budget_ms):
-        self.ran.append(tuner.variant_id(variant))
+        self.ran.append(variant_id(variant))
         return {"status": "ok", "ms": 1.0 + 0.01 * len(self.ran), "p20": 1.0, "p80": 1.0, "peak_bytes": 1 << 20}
 
     def close(self, kill=False):
@@ -251,7 +252,7 @@ def test_resume_after_kills_before_and_after_a_trial_chose_its_candidate(tmp_pat
     storage = tuner.open_storage(opts.storage)
     first = tuner.TuneOptions(**{**opts.__dict__, "trials": 3})
     study, cands = tuner.search(shape, first, storage, runner=ReplayRunner())
-    kept = [tuner.variant_id(v) for v in cands.kept]
+    kept = [variant_id(v) for v in cands.kept]
     assert len([t for t in study.trials if t.state == COMPLETE]) == 3
 
     # Two processes that died mid-trial: one after its trial chose a candidate, one before (no params yet).
@@ -306,8 +307,8 @@ def test_candidates_are_pruned_analytically_with_reasons_before_any_launch(monke
             assert v.params["compute"] == "input"  # fp32 input: the narrower computes are pruned on CPU
     families = {v.family for v in c.kept}
     assert set(TIER_ORDER) <= families and {"native:math", "native:flash"} <= families
-    assert len({tuner.variant_id(v) for v in c.kept}) == len(c.kept)
-    assert not {tuner.variant_id(v) for v in c.kept} & {tuner.variant_id(v) for v, _ in c.pruned}
+    assert len({variant_id(v) for v in c.kept}) == len(c.kept)
+    assert not {variant_id(v) for v in c.kept} & {variant_id(v) for v, _ in c.pruned}
 
     # A training shape: the inference-only tier is rejected as a family, with its reason.
     c = tuner.candidates_for(Shape(B=1, H=2, L=100, E=32, dtype="fp32", grad=True), "cpu")

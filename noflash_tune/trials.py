@@ -1,0 +1,150 @@
+"""Running one trial safely: accuracy (the 2x rule), then peak memory against the VRAM cap, then the median
+time, in a child process with a watchdog (GPU memory creeps across trials in one process, a hung kernel must not
+hang the tuner, and optuna's own timeout is only checked between trials). Also the deterministic stand-in
+objective (``--objective synthetic``) used to test the tuner and distributed runs without running kernels.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import time
+import traceback
+
+import torch
+
+from .shapes import Shape
+from .variants import Variant
+
+OBJECTIVES = ("measure", "synthetic")
+SYNTHETIC_GFLOPS = 20.0  # the synthetic objective's nominal throughput, so its times read like a CPU's
+
+
+def variant_id(v: Variant) -> str:
+    return v.family + ("|" + ",".join(f"{k}={val}" for k, val in v.params.items()) if v.params else "")
+
+
+def variant_from_id(s: str) -> Variant:
+    family, _, rest = s.partition("|")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, _, raw = item.partition("=")
+        params[key] = int(raw) if raw.lstrip("-").isdigit() else raw
+    return Variant(family, **params)
+
+
+def _over_cap(peak: int, cap: int) -> dict:
+    return {"status": "pruned_cap", "peak_bytes": peak, "reason": f"peak {peak / 2**20:.1f} MiB > cap {cap / 2**20:.1f} MiB"}
+
+
+def run_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, budget_ms: float) -> dict:
+    """Accuracy, then peak memory against the cap, then time. Returns a JSON-able result."""
+    from . import measure
+    from .runtime.fallback import is_oom
+
+    try:
+        acc = measure.check_variant(variant, shape, device)
+        if not acc.ok:
+            return {"status": "pruned_accuracy", "reason": str(acc)[:300]}
+        runner = measure.make_runner(variant, shape, device)
+        peak = measure.peak_extra_bytes(runner, device)
+        if peak is None:  # no way to measure it here: the analytic workspace model stands in
+            from .runtime.fallback import workspace_bytes
+
+            peak = workspace_bytes(variant, shape.planning_call(device))
+        if cap_bytes is not None and peak > cap_bytes:
+            return _over_cap(peak, cap_bytes)
+        t = measure.time_fn(runner, device, budget_ms)
+        return {"status": "ok", "ms": t.ms, "p20": t.p20, "p80": t.p80, "peak_bytes": peak}
+    except Exception as exc:  # noqa: BLE001 - a trial's failure is data, not a crash of the tuner
+        if is_oom(exc):
+            return {"status": "pruned_cap", "reason": f"out of memory: {str(exc).splitlines()[0][:200]}"}
+        kind = "compile" if variant.kind == "triton" else "error"
+        return {"status": f"failed_{kind}", "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
+                "trace": traceback.format_exc()[-2000:]}
+    finally:
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def synthetic_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, sleep_ms: float = 0.0) -> dict:
+    """The deterministic stand-in objective (``--objective synthetic``): no kernel runs.
+
+    The time is a pure function of the variant and the shape (a sha256 of both, spread over 0.5x..2x of the shape's
+    FLOPs at ``SYNTHETIC_GFLOPS``), so any machine, process or run order gets the same numbers; the peak memory is
+    the analytic workspace model, so the VRAM cap prunes as it does for measured trials. ``sleep_ms`` stands in
+    for a kernel's run time, so that concurrent tuning processes really interleave. For testing distributed
+    tuning and the tuner itself."""
+    from .runtime.fallback import workspace_bytes
+
+    peak = int(workspace_bytes(variant, shape.planning_call(device)))
+    if sleep_ms > 0:
+        time.sleep(sleep_ms / 1000)
+    if cap_bytes is not None and peak > cap_bytes:
+        return _over_cap(peak, cap_bytes)
+    key = json.dumps([variant_id(variant), shape.to_json()], sort_keys=True).encode()
+    u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+    ms = shape.flops() / (SYNTHETIC_GFLOPS * 1e9) * 1e3 * (0.5 + 1.5 * u)
+    return {"status": "ok", "ms": ms, "p20": ms, "p80": ms, "peak_bytes": peak}
+
+
+def _worker_main(conn, device: str):
+    torch.manual_seed(0)
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        vid, shape_json, cap, budget = msg
+        conn.send(run_trial(variant_from_id(vid), Shape(**shape_json), device, cap, budget))
+
+
+class TrialRunner:
+    """Runs trials in a child process (spawned once, reused), restarted after a timeout or a crash."""
+
+    def __init__(self, device: str, in_process: bool = False, timeout_s: float = 300.0, objective: str = "measure",
+                 sleep_ms: float = 0.0):
+        self.device, self.in_process, self.timeout_s = device, in_process, timeout_s
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.objective, self.sleep_ms = objective, sleep_ms  # sleep_ms: the synthetic objective's stand-in run time
+        self.proc = None
+        self.conn = None
+
+    def _start(self):
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, self.device), daemon=True)
+        self.proc.start()
+        self.conn = parent
+
+    def run(self, variant: Variant, shape: Shape, cap: int | None, budget_ms: float) -> dict:
+        if self.objective == "synthetic":  # nothing is launched: no worker process needed
+            return synthetic_trial(variant, shape, self.device, cap, self.sleep_ms)
+        if self.in_process:
+            return run_trial(variant, shape, self.device, cap, budget_ms)
+        if self.proc is None or not self.proc.is_alive():
+            self._start()
+        self.conn.send((variant_id(variant), shape.to_json(), cap, budget_ms))
+        if self.conn.poll(self.timeout_s):
+            try:
+                return self.conn.recv()
+            except EOFError:
+                pass
+        code = self.proc.exitcode
+        self.close(kill=True)
+        return {"status": "failed_error", "reason": f"worker timed out after {self.timeout_s:.0f} s"
+                if code is None else f"worker died (exit code {code})"}
+
+    def close(self, kill: bool = False):
+        if self.proc is None:
+            return
+        try:
+            if not kill and self.proc.is_alive():
+                self.conn.send(None)
+                self.proc.join(10)
+        except (BrokenPipeError, OSError):
+            pass
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self.proc = None
