@@ -176,7 +176,8 @@ def cmd_import(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from . import configs, trials, tuner
+    from . import configs, tuner
+    from .variants import Variant
 
     cfg = configs.load_file(Path(args.file))
     dev = _device_for(args.gpu)
@@ -185,10 +186,11 @@ def cmd_verify(args) -> int:
     for col in ("bucket", "winner", "tuned ms", "here ms", "drift", "best here", "verdict"):
         table.add_column(col, no_wrap=col == "bucket")
     flagged = 0
-    for e in sorted(cfg.entries.values(), key=lambda e: e.key):
-        runner = trials.TrialRunner(dev, in_process=opts.in_process)
-        budget = opts.budget_ms or 150.0
-        try:
+    runner = opts.trial_runner()  # one worker process for every entry
+    budget = 1.5 * opts.trial_budget_ms
+    try:
+        measured = []
+        for e in sorted(cfg.entries.values(), key=lambda e: e.key):
             res = runner.run(e.winner, e.shape, None, budget)
             rivals = {}
             for v, _ in e.runners_up:
@@ -196,13 +198,13 @@ def cmd_verify(args) -> int:
                 if r["status"] == "ok":
                     rivals[str(v)] = r["ms"]
             if e.native:
-                from .variants import Variant
-
                 r = runner.run(Variant(f"native:{e.native[0]}"), e.shape, None, budget)
                 if r["status"] == "ok":
                     rivals[f"native:{e.native[0]}"] = r["ms"]
-        finally:
-            runner.close()
+            measured.append((e, res, rivals))
+    finally:
+        runner.close()
+    for e, res, rivals in measured:
         if res["status"] != "ok":
             table.add_row(e.key, str(e.winner), f"{e.ms:.3f}", "-", "-", "-", f"[red]{res['status']}[/]")
             flagged += 1

@@ -154,12 +154,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _orphaned(t, host: str) -> bool:
+    """A trial left by a process of this host that is no longer alive."""
+    return t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1)))
+
+
 def recover_stale_trials(study: optuna.Study) -> int:
     """Trials left RUNNING by a dead process of this host: mark them failed and enqueue their params again."""
     host = socket.gethostname()
     n = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.user_attrs.get("host") != host or _pid_alive(int(t.user_attrs.get("pid", -1))):
+        if not _orphaned(t, host):
             continue
         # The attribute first: a finished trial cannot be updated any more.
         study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
@@ -179,7 +184,7 @@ def _live_running(study: optuna.Study, started_after) -> list:
     started before ``started_after`` (a datetime, or None)."""
     host = socket.gethostname()
     return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            if not (t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1))))
+            if not _orphaned(t, host)
             and (started_after is None or t.datetime_start is None or t.datetime_start >= started_after)]
 
 
@@ -242,6 +247,15 @@ class TuneOptions:
     objective: str = "measure"
     synthetic_sleep_ms: float = 5.0
 
+    @property
+    def trial_budget_ms(self) -> float:
+        """The timing budget of one trial (crowning's re-measurements take twice as long)."""
+        return self.budget_ms or 100.0
+
+    def trial_runner(self) -> TrialRunner:
+        return TrialRunner(self.device, in_process=self.in_process, timeout_s=self.trial_timeout_s,
+                           objective=self.objective, sleep_ms=self.synthetic_sleep_ms)
+
 
 @dataclass
 class BucketResult:
@@ -259,10 +273,6 @@ def _structured_params(trial: optuna.Trial, families: dict[str, list[Variant]]) 
         values = sorted({v.params[key] for v in families[family]}, key=str)
         chosen[key] = trial.suggest_categorical(f"{family}.{key}", values) if len(values) > 1 else values[0]
     return Variant(family, **chosen)
-
-
-def _budget(opts: TuneOptions) -> float:
-    return opts.budget_ms or (100.0 if torch.device(opts.device).type == "cuda" else 100.0)
 
 
 def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, deadline: float | None = None,
@@ -304,9 +314,8 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     if progress is not None:
         progress.update(task, total=total, completed=min(total, len(done)))
     own_runner = runner is None
-    runner = runner or TrialRunner(opts.device, in_process=opts.in_process, timeout_s=opts.trial_timeout_s,
-                                   objective=opts.objective, sleep_ms=opts.synthetic_sleep_ms)
-    budget = _budget(opts)
+    runner = runner or opts.trial_runner()
+    budget = opts.trial_budget_ms
     seen_ids = set(kept_ids)
 
     def objective(trial: optuna.Trial) -> float:
@@ -394,9 +403,8 @@ def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidate
     if natives:
         top.append(min(natives, key=natives.get))
     own_runner = runner is None
-    runner = runner or TrialRunner(opts.device, in_process=opts.in_process, timeout_s=opts.trial_timeout_s,
-                                   objective=opts.objective, sleep_ms=opts.synthetic_sleep_ms)
-    budget = 2 * _budget(opts)
+    runner = runner or opts.trial_runner()
+    budget = 2 * opts.trial_budget_ms
     remeasured: dict[str, dict] = {}
     try:
         for vid in top:
@@ -442,8 +450,7 @@ def tune(shapes: list[Shape], opts: TuneOptions, console=None) -> list[BucketRes
     deadline = start + opts.time_budget_s if opts.time_budget_s else None
     results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    runner = TrialRunner(opts.device, in_process=opts.in_process, timeout_s=opts.trial_timeout_s,
-                         objective=opts.objective, sleep_ms=opts.synthetic_sleep_ms)
+    runner = opts.trial_runner()
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             for i, shape in enumerate(shapes):

@@ -113,7 +113,7 @@ def triton_attention(call, variant: Variant, causal_bottom_right: bool = False) 
         raise NotImplementedError("the triton family does not implement dropout (served by the PyTorch tiers)")
     if call.mask is not None and call.mask.requires_grad:
         raise NotImplementedError("the triton family does not differentiate the mask (served by the PyTorch tiers)")
-    need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+    need_lse = call.needs_grad  # the contract decided it: grad mode on and an input requires grad
     out, _ = torch.ops.noflash_tune.triton_fwd(call.q, call.k, call.v, call.mask, float(call.scale),
                                                bool(call.causal), bool(causal_bottom_right), params_key(variant),
                                                need_lse)
