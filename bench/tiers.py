@@ -31,7 +31,7 @@ from noflash_tune.runtime.native import original_sdpa, pinned  # noqa: E402
 from noflash_tune.shapes import Shape  # noqa: E402
 from noflash_tune.variants import Variant  # noqa: E402
 
-SWEEP = [Variant("torch_chunked", block_m=m) for m in (32, 64, 128, 256)] + \
+SWEEP = [Variant("torch_chunked", block_m=m) for m in (32, 64, 128, 256, 512)] + \
         [Variant("torch_online", block_m=m, block_n=n) for m in (64, 128, 256) for n in (256, 1024)] + \
         [Variant("torch_inplace", block_m=m) for m in (32, 64, 128)]
 
@@ -64,6 +64,19 @@ def best_variant(shape: Shape, device: str, progress, task) -> tuple[Variant, st
             best, best_ms = var, ms
         progress.advance(task, 0)
     return best, "swept here"
+
+
+def cuda_graphed(fn):
+    """``fn`` captured once in a CUDA graph: what the tier costs without the Python loop's launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the capture: module load, cuBLAS handles, cached masks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def call_bucket(call):
@@ -114,6 +127,7 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--native", default=None, help="pin native SDPA to this backend (e.g. math)")
+    ap.add_argument("--graph", action="store_true", help="also time our variant replayed from a CUDA graph")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = args.device
@@ -135,6 +149,11 @@ def main() -> int:
                     return original_sdpa(q, k, v, is_causal=shape.causal)
 
             impls = {f"ours: {var}": ours, f"native{':' + args.native if args.native else ''}": native}
+            if torch.device(dev).type == "cuda" and args.graph:
+                try:
+                    impls[f"ours in a CUDA graph: {var}"] = cuda_graphed(ours)
+                except Exception as exc:  # noqa: BLE001 - an experiment, not a result
+                    console.print(f"{shape.label()}: CUDA graph capture failed: {type(exc).__name__}: {exc}"[:200])
             if t1 is not None:
                 impls["noflash-attention T1"] = lambda: t1(q, k, v, is_causal=shape.causal)
             res = {}

@@ -95,7 +95,8 @@ def cmd_tune(args) -> int:
     shapes = _load_shapes(args.shapes, dev, args.dtype)
     cap = _parse_gib(args.vram_cap) or _default_cap(dev)
     opts = tuner.TuneOptions(device=dev, vram_cap_bytes=cap, trials=args.trials, time_budget_s=args.time_budget,
-                             storage=args.storage, in_process=args.in_process, budget_ms=args.measure_ms)
+                             storage=args.storage, in_process=args.in_process, budget_ms=args.measure_ms,
+                             compile_workers=args.compile_workers)
     if args.objective == "synthetic":
         # Its numbers are not measurements: keep them out of the default search log and the user config dir.
         if not (args.storage and args.out):
@@ -314,6 +315,8 @@ def _tune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes, one per visible GPU")
     p.add_argument("--out", help="directory for <device>.json (default: the user config dir)")
     p.add_argument("--in-process", action="store_true", help="run trials in this process (no watchdog)")
+    p.add_argument("--compile-workers", type=int,
+                   help="processes compiling Triton kernels ahead of the trials (default: GPUs, CPU cores - 2)")
     p.add_argument("--measure-ms", type=float, help="timing budget per trial in ms")
     p.add_argument("--objective", choices=("measure", "synthetic"), default="measure",
                    help="measure: run and time the kernels (default); synthetic: a deterministic cost model instead "

@@ -17,6 +17,7 @@ from .shapes import Shape
 from .variants import Variant
 
 OBJECTIVES = ("measure", "synthetic")
+RESTART_RESIDENT_BYTES = 1 << 30  # a trial worker holding more GPU memory than this between trials restarts
 SYNTHETIC_GFLOPS = 20.0  # the synthetic objective's nominal throughput, so its times read like a CPU's
 
 
@@ -67,6 +68,57 @@ def run_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, bud
             torch.cuda.empty_cache()
 
 
+def warm_variant(vid: str, shape_json: dict, device: str) -> str:
+    """Compile what a trial of ``vid`` will launch, without timing it: the accuracy check's small shape and one
+    run at the real shape (forward, plus backward for grad shapes) each specialise the kernels differently.
+    Run in a pool of processes, this fills the on-disk Triton and template caches in parallel, so that the
+    sequential, timed trials find their kernels compiled. Returns '' or the error (the trial will report it)."""
+    from . import measure
+
+    try:
+        variant, shape = variant_from_id(vid), Shape(**shape_json)
+        measure.check_variant(variant, shape, device)
+        measure.make_runner(variant, shape, device)()
+        return ""
+    except Exception as exc:  # noqa: BLE001 - a compile failure is the trial's to record
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    finally:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
+class Warmer:
+    """A pool of processes that compiles kernels ahead of the trials that time them (``warm_variant``)."""
+
+    def __init__(self, device: str, workers: int):
+        self.device, self.workers = device, workers
+        self.pool = None
+
+    def warm(self, vids: list[str], shape: Shape) -> dict[str, str]:
+        if not vids or self.workers < 1:
+            return {}
+        if self.pool is None:
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
+        futures = {vid: self.pool.submit(warm_variant, vid, shape.to_json(), self.device) for vid in vids}
+        out = {}
+        for vid, fut in futures.items():
+            try:
+                out[vid] = fut.result(timeout=600)
+            except Exception as exc:  # noqa: BLE001 - a dead pool worker: the timed trial will find out
+                out[vid] = f"{type(exc).__name__}: {exc}"
+                self.close()
+                break
+        return out
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
 def synthetic_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, sleep_ms: float = 0.0) -> dict:
     """The deterministic stand-in objective (``--objective synthetic``): no kernel runs.
 
@@ -95,7 +147,10 @@ def _worker_main(conn, device: str):
         if msg is None:
             return
         vid, shape_json, cap, budget = msg
-        conn.send(run_trial(variant_from_id(vid), Shape(**shape_json), device, cap, budget))
+        res = run_trial(variant_from_id(vid), Shape(**shape_json), device, cap, budget)
+        if torch.device(device).type == "cuda":
+            res["resident_bytes"] = torch.cuda.memory_reserved()
+        conn.send(res)
 
 
 class TrialRunner:
@@ -127,7 +182,10 @@ class TrialRunner:
         self.conn.send((variant_id(variant), shape.to_json(), cap, budget_ms))
         if self.conn.poll(self.timeout_s):
             try:
-                return self.conn.recv()
+                res = self.conn.recv()
+                if res.get("resident_bytes", 0) > RESTART_RESIDENT_BYTES:
+                    self.close()  # memory left behind by earlier trials would skew the next peak and time
+                return res
             except EOFError:
                 pass
         code = self.proc.exitcode

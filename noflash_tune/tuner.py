@@ -30,7 +30,7 @@ import torch
 
 from . import codegen, device as devmod, variants
 from .shapes import Shape
-from .trials import TrialRunner, variant_from_id, variant_id
+from .trials import TrialRunner, Warmer, variant_from_id, variant_id
 from .variants import FAMILIES, Variant
 
 log = logging.getLogger("noflash_tune")
@@ -38,6 +38,8 @@ log = logging.getLogger("noflash_tune")
 EXHAUSTIVE_MAX = 400
 REMEASURE_TOP = 3
 RUNNER_UP_WITHIN = 0.03
+SLOW_FAMILY = 4.0  # a family whose best is over this many times the best candidate's gets no more trials
+ENQUEUE_ORDER = ("native", "triton", "torch")  # which candidates a study measures first
 CATEGORICAL = "variant"
 
 
@@ -222,14 +224,26 @@ class _CandidateCap:
     def __init__(self, total: int):
         self.total = total
 
-    def __call__(self, study: optuna.Study, trial) -> None:
+    def reached(self, study: optuna.Study) -> bool:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                   optuna.trial.TrialState.RUNNING)
         taken = {t.params.get(CATEGORICAL) for t in study.get_trials(deepcopy=False, states=states)
                  if t.user_attrs.get("status") != "duplicate"}
         taken.discard(None)
-        if len(taken) >= self.total:
+        return len(taken) >= self.total
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        if self.reached(study):
             study.stop()
+
+
+class _TrialCap(_CandidateCap):
+    """TPE search: stop once ``total`` trials are finished or running, across every process sharing the study."""
+
+    def reached(self, study: optuna.Study) -> bool:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                  optuna.trial.TrialState.RUNNING)
+        return len(study.get_trials(deepcopy=False, states=states)) >= self.total
 
 
 @dataclass
@@ -246,6 +260,16 @@ class TuneOptions:
     # "synthetic": a deterministic cost model instead of running kernels (see ``synthetic_trial``).
     objective: str = "measure"
     synthetic_sleep_ms: float = 5.0
+    compile_workers: int | None = None  # processes compiling kernels ahead of the trials; None: auto
+
+    def warmer(self, share: int = 1) -> Warmer | None:
+        """The pool compiling Triton kernels ahead of their trials: on GPUs, one process per spare CPU core
+        (split between ``share`` tuning processes); none on CPUs or for the synthetic objective."""
+        n = self.compile_workers
+        if n is None:
+            n = 0 if torch.device(self.device).type == "cpu" else min(16, max(0, (os.cpu_count() or 1) - 2))
+        n //= max(1, share)
+        return Warmer(self.device, n) if n > 0 and self.objective == "measure" else None
 
     @property
     def trial_budget_ms(self) -> float:
@@ -265,8 +289,10 @@ class BucketResult:
     seconds: float = 0.0
 
 
-def _structured_params(trial: optuna.Trial, families: dict[str, list[Variant]]) -> Variant:
-    family = trial.suggest_categorical("family", sorted(families))
+def _structured_params(trial: optuna.Trial, families: dict[str, list[Variant]], choices: list[str]) -> Variant:
+    family = trial.suggest_categorical("family", choices)
+    if family not in families:  # a native backend: nothing to search (enqueued once)
+        return Variant(family)
     space = FAMILIES[family].space
     chosen = {}
     for key, choices in space.items():
@@ -276,8 +302,13 @@ def _structured_params(trial: optuna.Trial, families: dict[str, list[Variant]]) 
 
 
 def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, deadline: float | None = None,
-           runner: TrialRunner | None = None):
-    """Run (or resume) the study of one shape until its space, its trial cap or the deadline is exhausted."""
+           runner: TrialRunner | None = None, warmer: Warmer | None = None):
+    """Run (or resume) the study of one shape until its space, its trial cap or the deadline is exhausted.
+
+    With a ``warmer`` (GPU tuning with Triton candidates) trials are asked for in batches: the batch's kernels
+    are compiled in parallel by the warmer's processes, then each trial is timed alone, so timings never overlap
+    a compilation. Without one, ``study.optimize`` runs the trials one by one.
+    """
     dev_key = devmod.device_key(opts.device)
     cands = candidates_for(shape, opts.device)
     kept_ids = [variant_id(v) for v in cands.kept]
@@ -297,13 +328,17 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     if exhaustive:  # candidates, not trials: a raced duplicate evaluates nothing new
         done = list({t.params.get(CATEGORICAL): t for t in done
                      if t.user_attrs.get("status") != "duplicate"}.values())
+    # The families TPE searches over; a native backend has nothing to search and is measured once, enqueued.
     by_family: dict[str, list[Variant]] = {}
     for v in cands.kept:
-        by_family.setdefault(v.family, []).append(v)
-    if not done:  # family defaults and native backends first
-        first = [v for v in cands.kept if v.kind == "native" or v == Variant(v.family)]
+        if v.kind != "native":
+            by_family.setdefault(v.family, []).append(v)
+    if not done:  # native backends, then the family defaults: cheapest and most telling first
+        first = sorted((v for v in cands.kept if v.kind == "native" or v == Variant(v.family)),
+                       key=lambda v: ENQUEUE_ORDER.index(v.kind))
         for v in first:
             params = ({CATEGORICAL: variant_id(v)} if exhaustive else
+                      {"family": v.family} if v.kind == "native" else
                       {"family": v.family, **{f"{v.family}.{k}": val for k, val in v.params.items()
                                               if len({x.params[k] for x in by_family[v.family]}) > 1}})
             study.enqueue_trial(params, skip_if_exists=True)
@@ -317,8 +352,10 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     runner = runner or opts.trial_runner()
     budget = opts.trial_budget_ms
     seen_ids = set(kept_ids)
+    families = sorted(by_family) + sorted({v.family for v in cands.kept if v.kind == "native"})
 
-    def objective(trial: optuna.Trial) -> float:
+    def propose(trial: optuna.Trial) -> str:
+        """The candidate this trial evaluates; raises TrialPruned for one that needs no run."""
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         if exhaustive:
@@ -327,19 +364,21 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
             # (a race, or the last candidates all running elsewhere). Evaluate it once, not again.
             holder = _taken_by(study, trial.number, vid)
             if holder is not None:
-                why = f"candidate already taken by trial {holder}"
-                trial.set_user_attr("variant", vid)
-                trial.set_user_attr("status", "duplicate")
-                trial.set_user_attr("reason", why)
-                raise optuna.TrialPruned(why)
+                _skip(trial, "duplicate", f"candidate already taken by trial {holder}", vid)
         else:
-            v0 = _structured_params(trial, by_family)
+            v0 = _structured_params(trial, by_family, families)
             vid = variant_id(v0)
             if vid not in seen_ids:
-                why = "pruned analytically (not among the kept candidates)"
-                trial.set_user_attr("status", "pruned_analytic")
-                trial.set_user_attr("reason", why)
-                raise optuna.TrialPruned(why)
+                _skip(trial, "pruned_analytic", "pruned analytically (not among the kept candidates)")
+            if v0.kind == "native" and any(t.user_attrs.get("variant") == vid and t.number != trial.number
+                                           for t in study.get_trials(deepcopy=False, states=evaluated)):
+                _skip(trial, "duplicate", f"{vid} has been measured", vid)
+        why = _slow_family(study, vid)
+        if why:
+            _skip(trial, "pruned_family", why, vid)
+        return vid
+
+    def evaluate(trial: optuna.Trial, vid: str) -> float:
         res = runner.run(variant_from_id(vid), shape, opts.vram_cap_bytes, budget)
         status = res["status"]
         trial.set_user_attr("variant", vid)
@@ -359,18 +398,87 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
         if progress is not None:
             progress.advance(task)
 
+    # With several workers on one study, stop at the cap counted across all of them.
+    cap_cb = _CandidateCap(total) if exhaustive else _TrialCap(total)  # exhaustive: candidates, not trials
     try:
-        if remaining:
+        if not remaining:
+            pass
+        elif warmer is None:
             timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
-            # MaxTrialsCallback: with several workers on one study, stop at the cap counted across all of them.
-            cap_cb = optuna.study.MaxTrialsCallback(total, states=(*evaluated, optuna.trial.TrialState.RUNNING))
-            if exhaustive:  # count candidates, not trials (see _CandidateCap)
-                cap_cb = _CandidateCap(total)
-            study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[tick, cap_cb], catch=())
+            study.optimize(lambda t: evaluate(t, propose(t)), n_trials=remaining, timeout=timeout,
+                           callbacks=[tick, cap_cb], catch=())
+        else:
+            _batched(study, propose, evaluate, tick, cap_cb, remaining, deadline, warmer, shape)
     finally:
         if own_runner:
             runner.close()
     return study, cands
+
+
+def _skip(trial: optuna.Trial, status: str, why: str, vid: str | None = None):
+    if vid is not None:
+        trial.set_user_attr("variant", vid)
+    trial.set_user_attr("status", status)
+    trial.set_user_attr("reason", why)
+    raise optuna.TrialPruned(why)
+
+
+def _slow_family(study: optuna.Study, vid: str) -> str:
+    """Why ``vid``'s family is not worth more trials here: its best time so far is over ``SLOW_FAMILY`` times the
+    best of any candidate (measured ones only; a family with no measurement yet is always tried)."""
+    family = vid.partition("|")[0]
+    best, best_family = math.inf, math.inf
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.value is None:
+            continue
+        best = min(best, t.value)
+        if t.user_attrs.get("variant", "").partition("|")[0] == family:
+            best_family = min(best_family, t.value)
+    if FAMILIES[family].kind == "native" or best_family == math.inf or best_family <= SLOW_FAMILY * best:
+        return ""
+    return (f"family {family} is not competitive here: its best {best_family:.3g} ms is over "
+            f"{SLOW_FAMILY:g}x the best {best:.3g} ms")
+
+
+def _batched(study, propose, evaluate, tick, cap_cb: _CandidateCap, remaining: int, deadline, warmer: Warmer,
+             shape: Shape):
+    """Ask for trials in batches of the warmer's size, compile the batch in parallel, then time each alone."""
+    exhausted = False
+    while remaining > 0 and not exhausted and (deadline is None or time.monotonic() < deadline):
+        batch, size, asked = [], max(1, warmer.workers), 0
+        # Trials settled without a run (duplicates, a family far behind) do not take a slot of the batch.
+        while len(batch) < size and remaining > 0 and asked < 4 * size and not exhausted:
+            trial = study.ask()
+            remaining, asked = remaining - 1, asked + 1
+            try:
+                batch.append((trial, propose(trial)))
+            except optuna.TrialPruned:
+                exhausted |= _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
+                tick(study, trial)
+        warmer.warm([vid for _, vid in batch if vid.startswith("triton")], shape)
+        for trial, vid in batch:
+            if deadline is not None and time.monotonic() >= deadline:
+                trial.set_user_attr("status", "deadline")  # never run: a resumed search proposes it again
+                _tell(study, trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            try:
+                exhausted |= _tell(study, trial, values=evaluate(trial, vid))
+            except optuna.TrialPruned:
+                exhausted |= _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
+            tick(study, trial)
+        exhausted |= cap_cb.reached(study)
+
+
+def _tell(study: optuna.Study, trial, **kwargs) -> bool:
+    """``study.tell``; True when the sampler has nothing left (BruteForceSampler then calls ``Study.stop``,
+    which raises outside ``optimize``; the trial's result is stored before that)."""
+    try:
+        study.tell(trial, **kwargs)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
+        return True
+    return False
 
 
 def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidates,
@@ -378,15 +486,17 @@ def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidate
     """Re-measure the top few and build the tuned entry (winner, runners-up within 3%, best native)."""
     trials = study.get_trials(deepcopy=False)
     counts = {"complete": 0, "pruned_cap": 0, "pruned_accuracy": 0, "failed": 0,
-              "pruned_analytic": len(cands.pruned)}
+              "pruned_analytic": len(cands.pruned), "pruned_family": 0}
     for t in trials:
         st = t.user_attrs.get("status", "")
         if t.state == optuna.trial.TrialState.COMPLETE:
             counts["complete"] += 1
-        elif st in ("pruned_cap", "pruned_accuracy"):
+        elif st in ("pruned_cap", "pruned_accuracy", "pruned_family"):
             counts[st] += 1
         elif st == "pruned_analytic":
             counts["pruned_analytic"] += 1
+        elif st == "deadline":
+            continue
         elif st.startswith("failed") or t.state == optuna.trial.TrialState.FAIL:
             counts["failed"] += 1
     ok = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
@@ -451,6 +561,7 @@ def tune(shapes: list[Shape], opts: TuneOptions, console=None) -> list[BucketRes
     results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     runner = opts.trial_runner()
+    warmer = opts.warmer()
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             for i, shape in enumerate(shapes):
@@ -460,15 +571,15 @@ def tune(shapes: list[Shape], opts: TuneOptions, console=None) -> list[BucketRes
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     share = time.monotonic() + max(1.0, left / (len(shapes) - i))
-                study, cands = search(shape, opts, storage, progress, task, share, runner=runner)
+                study, cands = search(shape, opts, storage, progress, task, share, runner=runner, warmer=warmer)
                 wait_for_others(study, opts.trial_timeout_s)  # other processes on this study: their last trials
                 res = crown(study, shape, opts, cands, runner=runner)
                 res.seconds = time.monotonic() - t0
                 results.append(res)
-                if torch.device(opts.device).type == "cuda":
-                    runner.close()  # a fresh process per shape: GPU memory creeps across trials
     finally:
         runner.close()
+        if warmer is not None:
+            warmer.close()
     return results
 
 
@@ -495,7 +606,8 @@ def results_to_config(results: list[BucketResult], opts: TuneOptions) -> dict:
     }
 
 
-def _search_worker(index: int, shapes_json: list[dict], opts_json: dict, deadline_wall: float | None):
+def _search_worker(index: int, n_workers: int, shapes_json: list[dict], opts_json: dict,
+                   deadline_wall: float | None):
     """One ``--workers`` process: pinned to GPU ``index``; searches every shape against the shared storage."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if opts_json["device"] != "cpu":
@@ -505,8 +617,13 @@ def _search_worker(index: int, shapes_json: list[dict], opts_json: dict, deadlin
     opts.seed = opts.seed + index
     storage = open_storage(opts.storage)
     deadline = None if deadline_wall is None else time.monotonic() + (deadline_wall - time.time())
-    for sj in shapes_json:
-        search(Shape(**sj), opts, storage, deadline=deadline)
+    warmer = opts.warmer(share=n_workers)
+    try:
+        for sj in shapes_json:
+            search(Shape(**sj), opts, storage, deadline=deadline, warmer=warmer)
+    finally:
+        if warmer is not None:
+            warmer.close()
 
 
 def tune_parallel(shapes: list[Shape], opts: TuneOptions, workers: int, console=None) -> list[BucketResult]:
@@ -525,7 +642,7 @@ def tune_parallel(shapes: list[Shape], opts: TuneOptions, workers: int, console=
     deadline_wall = time.time() + opts.time_budget_s if opts.time_budget_s else None
     ctx = mp.get_context("spawn")
     t0 = time.monotonic()
-    procs = [ctx.Process(target=_search_worker, args=(i, [s.to_json() for s in shapes], asdict(opts),
+    procs = [ctx.Process(target=_search_worker, args=(i, workers, [s.to_json() for s in shapes], asdict(opts),
                                                       deadline_wall)) for i in range(workers)]
     for p in procs:
         p.start()

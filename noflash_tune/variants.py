@@ -106,7 +106,8 @@ _register(Family(
     name="torch_chunked",
     kind="torch",
     space={"block_m": POW2_BLOCKS[1:], "compute": COMPUTE_CHOICES, "accumulation": ACCUMULATION_CHOICES},
-    defaults={"block_m": 256, "compute": "input", "accumulation": "fp32"},
+    # The fused softmax works in fp32 inside, so P in the compute dtype rounds exactly as an fp32 P cast down.
+    defaults={"block_m": 256, "compute": "input", "accumulation": "native"},
     templates=("torch/chunked.py.j2",),
     reasons_fn=_common_torch_reasons,
 ))
@@ -283,9 +284,10 @@ def prune_reason(v: Variant, call: "Call") -> str:
         if comp == "fp32" and dt == torch.float64:
             return "fp32 compute for fp64 input"
         cdt = compute_dtype(v, dt)
-        if p["accumulation"] == "native" and cdt in (torch.float32, torch.float64):
-            return "native accumulation equals fp32 for this compute dtype"
-        if p["accumulation"] == "native" and not on_gpu:
+        if cdt in (torch.float32, torch.float64):
+            if p["accumulation"] != FAMILIES[v.family].defaults["accumulation"]:
+                return "accumulation has no effect for fp32/fp64 compute (the family default stands for both)"
+        elif p["accumulation"] == "native" and not on_gpu:
             return "half-precision softmax is slower than fp32 on CPU"
         if cdt in (torch.float16, torch.bfloat16) and not on_gpu and dt != cdt:
             return "half-precision GEMMs are slower than fp32 on CPU"

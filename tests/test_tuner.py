@@ -37,9 +37,13 @@ def load_study(storage_url: str, shape: Shape) -> optuna.Study:
 
 # --- a smoke tune -------------------------------------------------------------------------------------------
 
-def test_smoke_tune_crowns_accurate_winners_and_writes_a_config_that_parses_back(tmp_path, clean_runtime):
+@pytest.mark.parametrize("compile_workers", [0, 2], ids=["one-by-one", "batched"])
+def test_smoke_tune_crowns_accurate_winners_and_writes_a_config_that_parses_back(tmp_path, clean_runtime,
+                                                                                  compile_workers):
     shapes = load_shapes("smoke", "cpu")
-    opts = tuner.TuneOptions(device="cpu", in_process=True, budget_ms=5, storage=f"journal:{tmp_path / 'j.log'}")
+    # compile_workers=2: trials are asked in batches (as on a GPU, where a pool compiles each batch's kernels).
+    opts = tuner.TuneOptions(device="cpu", in_process=True, budget_ms=5, storage=f"journal:{tmp_path / 'j.log'}",
+                             compile_workers=compile_workers)
     results = tuner.tune(shapes, opts)
     assert [r.shape for r in results] == shapes
     for r in results:
@@ -75,6 +79,28 @@ def test_smoke_tune_crowns_accurate_winners_and_writes_a_config_that_parses_back
         q, k, v, _ = s.make_inputs("cpu")
         plan = noflash_tune.explain(q, k, v, is_causal=s.causal)
         assert plan.source == "tuned" and plan.entry == back.entries[s.bucket().key]
+
+
+def test_a_family_far_behind_the_best_gets_no_more_trials():
+    study = optuna.create_study()
+    fast, slow = variant_id(Variant("torch_chunked")), variant_id(Variant("torch_online"))
+    for vid, ms in ((fast, 1.0), (slow, tuner.SLOW_FAMILY * 1.5), ("native:math", 0.9)):
+        study.add_trial(optuna.trial.create_trial(value=ms, user_attrs={"variant": vid}))
+    assert tuner._slow_family(study, variant_id(Variant("torch_online", block_m=64)))  # measured, far behind
+    assert not tuner._slow_family(study, variant_id(Variant("torch_chunked", block_m=64)))
+    assert not tuner._slow_family(study, variant_id(Variant("torch_inplace")))  # not measured yet: tried
+    assert not tuner._slow_family(study, "native:flash")  # a native backend is measured once, never skipped
+
+
+def test_warm_variant_compiles_a_trials_modules_and_reports_failures_without_raising(tmp_path, monkeypatch):
+    from noflash_tune import trials
+
+    monkeypatch.setenv("NOFLASH_TUNE_CACHE_DIR", str(tmp_path))
+    shape = Shape(B=1, H=2, L=40, E=16, dtype="fp32", causal=True)
+    assert trials.warm_variant(variant_id(Variant("torch_online", block_m=32)), shape.to_json(), "cpu") == ""
+    assert list(tmp_path.rglob("*.py")), "the rendered module is cached on disk for the trial process"
+    err = trials.warm_variant(variant_id(Variant("torch_online")), dict(shape.to_json(), E=0), "cpu")
+    assert err  # an input the variant cannot take: reported, not raised
 
 
 # --- the VRAM cap is a promise ------------------------------------------------------------------------------

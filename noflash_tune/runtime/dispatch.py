@@ -102,7 +102,14 @@ def _plan_key(call: contract.Call) -> tuple:
             bool(m is not None and m.requires_grad), call.groups, pow2_ceil(call.L), pow2_ceil(call.S),
             call.needs_grad, call.dropout_p > 0, call.dense4d,
             call.q.stride(-1) == 1 and call.k.stride(-1) == 1 and call.v.stride(-1) == 1,
-            force_enabled(), fallback.vram_cap_bytes())
+            force_enabled(), fallback.vram_cap_bytes(), _native_flags())
+
+
+def _native_flags() -> tuple:
+    """Native's backend switches (``sdpa_kernel``, ``enable_*_sdp``): a plan made under others does not hold."""
+    b = torch.backends.cuda
+    return (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(),
+            getattr(b, "cudnn_sdp_enabled", lambda: False)())
 
 
 def _call_repr(call: contract.Call) -> str:
