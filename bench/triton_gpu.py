@@ -62,32 +62,18 @@ CASES = {
     "fwdbwd_d512": ("fwdbwd", 4, 8, 8, 4096, 512, False, None, 330),
 }
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D)
-FWD_CONFIGS = {
-    "small": [(128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 64, 8, 4, 0), (256, 64, 16, 3, 0),
-              (64, 64, 4, 4, 0), (128, 64, 4, 3, 0)],
-    "d256": [(128, 64, 8, 2, 0), (64, 64, 4, 3, 0), (128, 32, 8, 3, 0), (64, 128, 8, 2, 0), (64, 32, 4, 3, 0)],
-    "split": [(64, 32, 8, 2, 128), (64, 32, 8, 2, 256), (64, 16, 8, 3, 128), (64, 64, 8, 1, 128),
-              (128, 32, 8, 2, 128)],
-}
-# backward: BLOCK_M = kept block (keys for dK/dV, queries for dQ), BLOCK_N = streamed block
-BWD_CONFIGS = {
-    "small": [(128, 64, 8, 3, 0), (128, 32, 8, 3, 0), (64, 64, 4, 3, 0), (64, 32, 4, 4, 0), (128, 64, 8, 2, 0),
-              (64, 128, 8, 2, 0)],
-    "split": [(64, 64, 8, 1, 128), (32, 32, 4, 2, 128), (64, 16, 8, 2, 128), (32, 64, 4, 2, 128),
-              (64, 32, 8, 1, 128)],
-}
 QUICK = 3  # configs per list under --quick
 
 
 def config_list(kind: str, D: int, quick: bool):
-    key = "small" if D <= 128 else ("d256" if D <= 256 else "split")
-    fwd = FWD_CONFIGS[key]
-    if kind == "fwd":
-        out = list(fwd)
-    else:
-        out = list(dict.fromkeys(fwd[:4] + BWD_CONFIGS["split" if D > 256 else "small"]))
-    return out[:QUICK + (2 if kind != "fwd" else 0)] if quick else out
+    """The tuner's seed tiles for this head dim (noflash_tune.variants.TRITON_SEEDS_*)."""
+    from noflash_tune.variants import TRITON_SEEDS_FWD, triton_seed_class, triton_seed_tiles
+
+    out = triton_seed_tiles(D, kind != "fwd")
+    n_fwd = len(TRITON_SEEDS_FWD[triton_seed_class(D)])
+    if quick:
+        out = out[:QUICK] + (out[n_fwd:n_fwd + 2] if kind != "fwd" else [])
+    return out
 
 
 def variant_of(cfg, compute="input"):

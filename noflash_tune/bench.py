@@ -22,15 +22,16 @@ from .variants import FAMILIES, Variant
 NATIVE = ("cudnn", "flash", "efficient", "math")
 
 
-def bench_shapes(preset: str, device_type: str, native: str) -> list[Shape]:
-    """``bench`` preset: N sweeps per D and causal; others: the tuner's presets."""
+def bench_shapes(preset: str, device_type: str, native: str, sizes: tuple[int, ...] | None = None) -> list[Shape]:
+    """``bench`` preset: N sweeps per D and causal (``sizes`` overrides the Ns); others: the tuner's presets."""
     from .shapes import load_shapes
 
     if preset != "bench":
         return load_shapes(preset, device_type)
     if device_type == "cpu":
-        return [Shape(B=1, H=8, L=n, E=64, dtype="fp32", causal=c) for c in (False, True) for n in (512, 1024, 2048)]
-    sizes = (1024, 2048, 4096, 8192, 16384) + ((32768, 65536) if native == "math-only" else ())
+        return [Shape(B=1, H=8, L=n, E=64, dtype="fp32", causal=c) for c in (False, True)
+                for n in sizes or (512, 1024, 2048)]
+    sizes = sizes or (1024, 2048, 4096, 8192, 16384) + ((32768, 65536) if native == "math-only" else ())
     dt = "fp16" if native == "math-only" else "bf16"
     return [Shape(B=max(1, 16384 // n), H=16, L=n, E=d, dtype=dt, causal=c)
             for d in (64, 128) for c in (False, True) for n in sizes]
@@ -148,6 +149,13 @@ def run_one(shape: Shape, name: str, fn, device, budget_ms: float) -> Row:
     return Row(shape, name, t.ms, shape.flops() / (t.ms * 1e-3) / 1e12, None if peak is None else peak / 2**20)
 
 
+def _write_json(path: Path, rows: list[Row]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([dict(shape=r.shape.to_json(), impl=r.impl, ms=r.ms, tflops=r.tflops,
+                                    peak_mib=r.peak_mib, error=r.error) for r in rows], indent=1))
+    os.replace(tmp, path)
+
+
 def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
     import matplotlib
 
@@ -195,7 +203,8 @@ def main(args) -> int:
     console = Console(width=170)
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
-    shapes = bench_shapes(args.shapes, torch.device(dev).type, args.native)
+    sizes = tuple(int(n) for n in args.sizes.split(",")) if getattr(args, "sizes", None) else None
+    shapes = bench_shapes(args.shapes, torch.device(dev).type, args.native, sizes)
     if not args.no_grad:
         shapes = shapes + [replace(s, grad=True) for s in shapes if s.L <= 16384]
     out_dir = Path(args.out)
@@ -209,11 +218,9 @@ def main(args) -> int:
                 progress.update(task, description=f"{shape.label()}: {name}")
                 rows.append(run_one(shape, name, fn, dev, budget))
             progress.advance(task)
+            _write_json(out_dir / "bench.json", rows)  # after every shape: a run cut short keeps what it measured
     title = (f"{devmod.device_name(dev)} · torch {torch.__version__} · "
              f"{time.strftime('%Y-%m-%d')} · native={args.native}")
-    (out_dir / "bench.json").write_text(json.dumps([dict(shape=r.shape.to_json(), impl=r.impl, ms=r.ms,
-                                                          tflops=r.tflops, peak_mib=r.peak_mib, error=r.error)
-                                                     for r in rows], indent=1))
     pngs = plot(rows, out_dir, title)
     table = Table(title=title)
     for col in ("shape", "implementation", "ms", "TFLOP/s", "peak MiB", "vs best native"):

@@ -369,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--native", default="all", choices=("all", "math-only"),
                     help="math-only: native restricted to its math path (a GPU without fused kernels)")
     sp.add_argument("--no-grad", action="store_true", help="forward only")
+    sp.add_argument("--sizes", help="the bench preset's sequence lengths, e.g. 1024,4096,16384")
     return p
 
 

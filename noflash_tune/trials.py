@@ -10,6 +10,7 @@ import json
 import multiprocessing as mp
 import time
 import traceback
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin one before Python 3.11
 
 import torch
 
@@ -95,7 +96,9 @@ class Warmer:
         self.device, self.workers = device, workers
         self.pool = None
 
-    def warm(self, vids: list[str], shape: Shape) -> dict[str, str]:
+    def warm(self, vids: list[str], shape: Shape, deadline: float | None = None) -> dict[str, str]:
+        """Compile ``vids`` in parallel; wait at most until ``deadline`` (time.monotonic), after which what is
+        still compiling finishes in the background and fills the cache all the same."""
         if not vids or self.workers < 1:
             return {}
         if self.pool is None:
@@ -105,8 +108,11 @@ class Warmer:
         futures = {vid: self.pool.submit(warm_variant, vid, shape.to_json(), self.device) for vid in vids}
         out = {}
         for vid, fut in futures.items():
+            wait = 600.0 if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                out[vid] = fut.result(timeout=600)
+                out[vid] = fut.result(timeout=wait)
+            except FutureTimeout:
+                out[vid] = "still compiling at the deadline"
             except Exception as exc:  # noqa: BLE001 - a dead pool worker: the timed trial will find out
                 out[vid] = f"{type(exc).__name__}: {exc}"
                 self.close()

@@ -39,6 +39,7 @@ EXHAUSTIVE_MAX = 400
 REMEASURE_TOP = 3
 RUNNER_UP_WITHIN = 0.03
 SLOW_FAMILY = 4.0  # a family whose best is over this many times the best candidate's gets no more trials
+UNSTAMPED_GRACE_S = 10.0  # a RUNNING trial with no host/pid this old was left by a killed process
 ENQUEUE_ORDER = ("native", "triton", "torch")  # which candidates a study measures first
 CATEGORICAL = "variant"
 
@@ -157,7 +158,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _orphaned(t, host: str) -> bool:
-    """A trial left by a process of this host that is no longer alive."""
+    """A trial left by a process of this host that is no longer alive; or one no process ever stamped with its
+    host and pid (killed right after asking for it: a live process stamps its trial within milliseconds)."""
+    if "host" not in t.user_attrs:
+        import datetime
+
+        return t.datetime_start is not None and (
+            datetime.datetime.now() - t.datetime_start).total_seconds() > UNSTAMPED_GRACE_S
     return t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1)))
 
 
@@ -289,10 +296,8 @@ class BucketResult:
     seconds: float = 0.0
 
 
-def _structured_params(trial: optuna.Trial, families: dict[str, list[Variant]], choices: list[str]) -> Variant:
-    family = trial.suggest_categorical("family", choices)
-    if family not in families:  # a native backend: nothing to search (enqueued once)
-        return Variant(family)
+def _structured_params(trial: optuna.Trial, families: dict[str, list[Variant]]) -> Variant:
+    family = trial.suggest_categorical("family", sorted(families))
     space = FAMILIES[family].space
     chosen = {}
     for key, choices in space.items():
@@ -328,17 +333,24 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     if exhaustive:  # candidates, not trials: a raced duplicate evaluates nothing new
         done = list({t.params.get(CATEGORICAL): t for t in done
                      if t.user_attrs.get("status") != "duplicate"}.values())
-    # The families TPE searches over; a native backend has nothing to search and is measured once, enqueued.
+    # The families TPE searches over; a native backend has nothing to search: it is measured once.
     by_family: dict[str, list[Variant]] = {}
     for v in cands.kept:
         if v.kind != "native":
             by_family.setdefault(v.family, []).append(v)
-    if not done:  # native backends, then the family defaults: cheapest and most telling first
-        first = sorted((v for v in cands.kept if v.kind == "native" or v == Variant(v.family)),
-                       key=lambda v: ENQUEUE_ORDER.index(v.kind))
+    own_runner = runner is None
+    runner = runner or opts.trial_runner()
+    budget = opts.trial_budget_ms
+    if not exhaustive:
+        _measure_natives(study, [v for v in cands.kept if v.kind == "native"], runner, shape, opts)
+    if not done:  # native backends, then each family's defaults and seeds: cheapest and most telling first
+        kept = set(cands.kept)
+        call = shape.planning_call(opts.device)
+        first = [v for v in cands.kept if v.kind == "native"] if exhaustive else []
+        for name in sorted(by_family, key=lambda n: ENQUEUE_ORDER.index(FAMILIES[n].kind)):
+            first += [v for v in variants.seed_variants(name, call) if v in kept]
         for v in first:
             params = ({CATEGORICAL: variant_id(v)} if exhaustive else
-                      {"family": v.family} if v.kind == "native" else
                       {"family": v.family, **{f"{v.family}.{k}": val for k, val in v.params.items()
                                               if len({x.params[k] for x in by_family[v.family]}) > 1}})
             study.enqueue_trial(params, skip_if_exists=True)
@@ -348,11 +360,7 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     remaining = max(0, total - len(done))
     if progress is not None:
         progress.update(task, total=total, completed=min(total, len(done)))
-    own_runner = runner is None
-    runner = runner or opts.trial_runner()
-    budget = opts.trial_budget_ms
     seen_ids = set(kept_ids)
-    families = sorted(by_family) + sorted({v.family for v in cands.kept if v.kind == "native"})
 
     def propose(trial: optuna.Trial) -> str:
         """The candidate this trial evaluates; raises TrialPruned for one that needs no run."""
@@ -366,13 +374,9 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
             if holder is not None:
                 _skip(trial, "duplicate", f"candidate already taken by trial {holder}", vid)
         else:
-            v0 = _structured_params(trial, by_family, families)
-            vid = variant_id(v0)
+            vid = variant_id(_structured_params(trial, by_family))
             if vid not in seen_ids:
                 _skip(trial, "pruned_analytic", "pruned analytically (not among the kept candidates)")
-            if v0.kind == "native" and any(t.user_attrs.get("variant") == vid and t.number != trial.number
-                                           for t in study.get_trials(deepcopy=False, states=evaluated)):
-                _skip(trial, "duplicate", f"{vid} has been measured", vid)
         why = _slow_family(study, vid)
         if why:
             _skip(trial, "pruned_family", why, vid)
@@ -415,6 +419,24 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     return study, cands
 
 
+def _measure_natives(study: optuna.Study, natives: list[Variant], runner: TrialRunner, shape: Shape,
+                     opts: TuneOptions) -> None:
+    """TPE search: time each native backend once, outside the sampler's space (it has nothing to search), and
+    record it in the study as a finished trial, where ``crown`` finds it. A resumed study keeps its natives."""
+    have = {t.user_attrs.get("variant") for t in study.get_trials(deepcopy=False)}
+    for v in natives:
+        vid = variant_id(v)
+        if vid in have:
+            continue
+        res = runner.run(v, shape, opts.vram_cap_bytes, opts.trial_budget_ms)
+        attrs = {"variant": vid, "status": res["status"], "host": socket.gethostname(), "pid": os.getpid(),
+                 **{k: res[k] for k in ("reason", "peak_bytes", "p20", "p80") if k in res}}
+        ok = res["status"] == "ok"
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.PRUNED,
+            value=float(res["ms"]) if ok else None, user_attrs=attrs))
+
+
 def _skip(trial: optuna.Trial, status: str, why: str, vid: str | None = None):
     if vid is not None:
         trial.set_user_attr("variant", vid)
@@ -447,7 +469,7 @@ def _batched(study, propose, evaluate, tick, cap_cb: _CandidateCap, remaining: i
     while remaining > 0 and not exhausted and (deadline is None or time.monotonic() < deadline):
         batch, size, asked = [], max(1, warmer.workers), 0
         # Trials settled without a run (duplicates, a family far behind) do not take a slot of the batch.
-        while len(batch) < size and remaining > 0 and asked < 4 * size and not exhausted:
+        while len(batch) < size and remaining > 0 and asked < 8 * size and not exhausted:
             trial = study.ask()
             remaining, asked = remaining - 1, asked + 1
             try:
@@ -455,8 +477,13 @@ def _batched(study, propose, evaluate, tick, cap_cb: _CandidateCap, remaining: i
             except optuna.TrialPruned:
                 exhausted |= _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                 tick(study, trial)
-        warmer.warm([vid for _, vid in batch if vid.startswith("triton")], shape)
+        # What needs no compiling is timed first; then the pool compiles the rest, which is timed after it.
+        batch.sort(key=lambda tv: tv[1].startswith("triton"))
+        warmed = False
         for trial, vid in batch:
+            if vid.startswith("triton") and not warmed:
+                warmer.warm([v for _, v in batch if v.startswith("triton")], shape, deadline)
+                warmed = True
             if deadline is not None and time.monotonic() >= deadline:
                 trial.set_user_attr("status", "deadline")  # never run: a resumed search proposes it again
                 _tell(study, trial, state=optuna.trial.TrialState.FAIL)

@@ -145,6 +145,46 @@ for _b in NATIVE_BACKENDS:
 
 TIER_ORDER = ("torch_chunked", "torch_online", "torch_inplace")
 
+# Triton tiles that measured well on an H100 (bench/triton_gpu.py), per head-dim class, as
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D). The tuner measures them right after the family's defaults,
+# then searches the whole space around them; on other GPUs the pruning drops those that cannot fit.
+TRITON_SEEDS_FWD = {
+    "small": ((128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 64, 8, 4, 0), (256, 64, 16, 3, 0),
+              (64, 64, 4, 4, 0), (128, 64, 4, 3, 0)),
+    "d256": ((128, 64, 8, 2, 0), (64, 64, 4, 3, 0), (128, 32, 8, 3, 0), (64, 128, 8, 2, 0), (64, 32, 4, 3, 0)),
+    "split": ((64, 32, 8, 2, 128), (64, 32, 8, 2, 256), (64, 16, 8, 3, 128), (64, 64, 8, 1, 128),
+              (128, 32, 8, 2, 128)),
+}
+# Backward: BLOCK_M is the block kept in registers (keys for dK/dV, queries for dQ), BLOCK_N the streamed one.
+TRITON_SEEDS_BWD = {
+    "small": ((128, 64, 8, 3, 0), (128, 32, 8, 3, 0), (64, 64, 4, 3, 0), (64, 32, 4, 4, 0), (128, 64, 8, 2, 0),
+              (64, 128, 8, 2, 0)),
+    "split": ((64, 64, 8, 1, 128), (32, 32, 4, 2, 128), (64, 16, 8, 2, 128), (32, 64, 4, 2, 128),
+              (64, 32, 8, 1, 128)),
+}
+
+
+def triton_seed_class(head_dim: int) -> str:
+    return "small" if head_dim <= 128 else ("d256" if head_dim <= 256 else "split")
+
+
+def triton_seed_tiles(head_dim: int, grad: bool) -> list[tuple]:
+    """The seed tiles for a head dim: the forward list, plus the backward list where a backward runs."""
+    cls = triton_seed_class(head_dim)
+    tiles = list(TRITON_SEEDS_FWD[cls])
+    if grad:
+        tiles += TRITON_SEEDS_BWD["split" if cls == "split" else "small"]
+    return list(dict.fromkeys(tiles))
+
+
+def seed_variants(family: str, call: "Call") -> list["Variant"]:
+    """What the tuner measures first for ``family``: its defaults, then (Triton) the seed tiles for this call."""
+    out = [Variant(family)]
+    if FAMILIES[family].kind == "triton":
+        out += [Variant(family, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd)
+                for bm, bn, nw, ns, bd in triton_seed_tiles(max(call.E, call.Ev), call.needs_grad)]
+    return list(dict.fromkeys(out))
+
 
 def _check_value(family: Family, key: str, value: Any) -> Any:
     choices = family.space[key]

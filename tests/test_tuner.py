@@ -81,6 +81,32 @@ def test_smoke_tune_crowns_accurate_winners_and_writes_a_config_that_parses_back
         assert plan.source == "tuned" and plan.entry == back.entries[s.bucket().key]
 
 
+@pytest.mark.parametrize("compile_workers", [0, 2], ids=["one-by-one", "batched"])
+def test_tpe_search_times_each_native_once_starts_from_the_defaults_and_resumes(tmp_path, monkeypatch,
+                                                                                compile_workers):
+    monkeypatch.setattr(tuner, "EXHAUSTIVE_MAX", 0)  # the large-space path (TPE over each family's parameters)
+    shape = Shape(B=1, H=2, L=300, E=16, dtype="fp32", causal=True)  # long enough to keep every default
+    opts = tuner.TuneOptions(device="cpu", in_process=True, budget_ms=2, storage=f"journal:{tmp_path / 'j.log'}",
+                             trials=12, compile_workers=compile_workers)
+    storage = tuner.open_storage(opts.storage)
+    warmer = opts.warmer()
+    assert (warmer is not None) == (compile_workers > 0)
+    study, cands = tuner.search(shape, opts, storage, warmer=warmer)
+    natives = [variant_id(v) for v in cands.kept if v.kind == "native"]
+    measured = [t.user_attrs.get("variant") for t in study.trials if t.state in (COMPLETE, PRUNED)]
+    assert natives and all(measured.count(n) == 1 for n in natives)
+    assert len(study.trials) == opts.trials  # the cap counts the natives' trials too
+    ours = [t for t in study.trials if "family" in t.params]
+    defaults = {variant_id(Variant(f)) for f in TIER_ORDER}
+    first = [t.user_attrs.get("variant") for t in ours[:len(defaults)]]
+    assert set(first) == defaults  # every family's defaults before anything the sampler proposes
+    res = tuner.crown(study, shape, opts, cands)
+    assert res.entry is not None and res.entry["native"] is not None
+    # Resuming a finished study measures nothing again.
+    study2, _ = tuner.search(shape, opts, storage, warmer=warmer)
+    assert len(study2.trials) == len(study.trials)
+
+
 def test_a_family_far_behind_the_best_gets_no_more_trials():
     study = optuna.create_study()
     fast, slow = variant_id(Variant("torch_chunked")), variant_id(Variant("torch_online"))
@@ -95,7 +121,8 @@ def test_a_family_far_behind_the_best_gets_no_more_trials():
 def test_warm_variant_compiles_a_trials_modules_and_reports_failures_without_raising(tmp_path, monkeypatch):
     from noflash_tune import trials
 
-    monkeypatch.setenv("NOFLASH_TUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("NOFLASH_TUNE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(codegen, "_modules", {})  # as in a fresh pool process: nothing loaded yet
     shape = Shape(B=1, H=2, L=40, E=16, dtype="fp32", causal=True)
     assert trials.warm_variant(variant_id(Variant("torch_online", block_m=32)), shape.to_json(), "cpu") == ""
     assert list(tmp_path.rglob("*.py")), "the rendered module is cached on disk for the trial process"
