@@ -89,6 +89,13 @@ def warm_variant(vid: str, shape_json: dict, device: str) -> str:
             torch.cuda.empty_cache()
 
 
+def _ready() -> bool:
+    import importlib
+
+    importlib.import_module("noflash_tune.measure")  # torch and the package: the slow part of a start
+    return True
+
+
 class Warmer:
     """A pool of processes that compiles kernels ahead of the trials that time them (``warm_variant``)."""
 
@@ -96,15 +103,22 @@ class Warmer:
         self.device, self.workers = device, workers
         self.pool = None
 
+    def start(self) -> None:
+        """Start the processes now (each imports torch and triton: seconds), so that they are ready by the
+        time the first batch needs them rather than eating into its shape's share of the budget."""
+        if self.pool is None and self.workers > 0:
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
+            for _ in range(self.workers):
+                self.pool.submit(_ready)
+
     def warm(self, vids: list[str], shape: Shape, deadline: float | None = None) -> dict[str, str]:
         """Compile ``vids`` in parallel; wait at most until ``deadline`` (time.monotonic), after which what is
         still compiling finishes in the background and fills the cache all the same."""
         if not vids or self.workers < 1:
             return {}
-        if self.pool is None:
-            from concurrent.futures import ProcessPoolExecutor
-
-            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
+        self.start()
         futures = {vid: self.pool.submit(warm_variant, vid, shape.to_json(), self.device) for vid in vids}
         out = {}
         for vid, fut in futures.items():

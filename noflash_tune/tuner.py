@@ -341,8 +341,8 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     own_runner = runner is None
     runner = runner or opts.trial_runner()
     budget = opts.trial_budget_ms
-    if not exhaustive:
-        _measure_natives(study, [v for v in cands.kept if v.kind == "native"], runner, shape, opts)
+    timed_natives = 0 if exhaustive else _measure_natives(study, [v for v in cands.kept if v.kind == "native"],
+                                                          runner, shape, opts)
     if not done:  # native backends, then each family's defaults and seeds: cheapest and most telling first
         kept = set(cands.kept)
         call = shape.planning_call(opts.device)
@@ -357,7 +357,7 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     total = len(kept_ids) if exhaustive else max(64, min(len(kept_ids), 256))
     if opts.trials:
         total = min(total, opts.trials)
-    remaining = max(0, total - len(done))
+    remaining = max(0, total - len(done) - timed_natives)
     if progress is not None:
         progress.update(task, total=total, completed=min(total, len(done)))
     seen_ids = set(kept_ids)
@@ -420,10 +420,12 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
 
 
 def _measure_natives(study: optuna.Study, natives: list[Variant], runner: TrialRunner, shape: Shape,
-                     opts: TuneOptions) -> None:
+                     opts: TuneOptions) -> int:
     """TPE search: time each native backend once, outside the sampler's space (it has nothing to search), and
-    record it in the study as a finished trial, where ``crown`` finds it. A resumed study keeps its natives."""
+    record it in the study as a finished trial, where ``crown`` finds it. A resumed study keeps its natives.
+    Returns how many it timed."""
     have = {t.user_attrs.get("variant") for t in study.get_trials(deepcopy=False)}
+    timed = 0
     for v in natives:
         vid = variant_id(v)
         if vid in have:
@@ -435,6 +437,8 @@ def _measure_natives(study: optuna.Study, natives: list[Variant], runner: TrialR
         study.add_trial(optuna.trial.create_trial(
             state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.PRUNED,
             value=float(res["ms"]) if ok else None, user_attrs=attrs))
+        timed += 1
+    return timed
 
 
 def _skip(trial: optuna.Trial, status: str, why: str, vid: str | None = None):
@@ -464,10 +468,17 @@ def _slow_family(study: optuna.Study, vid: str) -> str:
 
 def _batched(study, propose, evaluate, tick, cap_cb: _CandidateCap, remaining: int, deadline, warmer: Warmer,
              shape: Shape):
-    """Ask for trials in batches of the warmer's size, compile the batch in parallel, then time each alone."""
-    exhausted = False
-    while remaining > 0 and not exhausted and (deadline is None or time.monotonic() < deadline):
+    """Ask for trials in batches of the warmer's size, compile the batch in parallel, then time each alone.
+
+    The first batch (the study's natives, defaults and seed tiles) runs whole even past the deadline: a bucket
+    must not end up without a measurement of each family because compiling took its share of the budget.
+    """
+    exhausted, first = False, True
+    while remaining > 0 and not exhausted and (first or deadline is None or time.monotonic() < deadline):
+        cutoff = None if first else deadline
         batch, size, asked = [], max(1, warmer.workers), 0
+        if first:  # every enqueued seed in one batch
+            size = max(size, len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))))
         # Trials settled without a run (duplicates, a family far behind) do not take a slot of the batch.
         while len(batch) < size and remaining > 0 and asked < 8 * size and not exhausted:
             trial = study.ask()
@@ -482,9 +493,9 @@ def _batched(study, propose, evaluate, tick, cap_cb: _CandidateCap, remaining: i
         warmed = False
         for trial, vid in batch:
             if vid.startswith("triton") and not warmed:
-                warmer.warm([v for _, v in batch if v.startswith("triton")], shape, deadline)
+                warmer.warm([v for _, v in batch if v.startswith("triton")], shape, cutoff)
                 warmed = True
-            if deadline is not None and time.monotonic() >= deadline:
+            if cutoff is not None and time.monotonic() >= cutoff:
                 trial.set_user_attr("status", "deadline")  # never run: a resumed search proposes it again
                 _tell(study, trial, state=optuna.trial.TrialState.FAIL)
                 continue
@@ -494,6 +505,7 @@ def _batched(study, propose, evaluate, tick, cap_cb: _CandidateCap, remaining: i
                 exhausted |= _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
             tick(study, trial)
         exhausted |= cap_cb.reached(study)
+        first = False
 
 
 def _tell(study: optuna.Study, trial, **kwargs) -> bool:
@@ -589,6 +601,8 @@ def tune(shapes: list[Shape], opts: TuneOptions, console=None) -> list[BucketRes
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     runner = opts.trial_runner()
     warmer = opts.warmer()
+    if warmer is not None:
+        warmer.start()  # its processes start while the first shape's natives are timed
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             for i, shape in enumerate(shapes):

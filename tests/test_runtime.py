@@ -168,14 +168,29 @@ def test_native_serves_where_it_measured_faster(rt, tmp_path):
     record_configs(rt, tmp_path, tuned_entry(ours_ms=3.0, native_ms=1.0))
     q, k, v = qkv(L=256)
     plan = noflash_tune.explain(q, k, v)
-    assert plan.variant is None and plan.serves_native
+    # Native, pinned to the backend that measured fastest (native's own priority may pick a slower one).
+    assert plan.variant == Variant("native:flash") and plan.serves_native
     assert plan.source == "tuned"
     assert "native flash" in plan.reason and "beats ours" in plan.reason
 
     ran = spy_variants(rt)
     out = F.scaled_dot_product_attention(q, k, v)
-    assert ran == []
+    assert ran == [Variant("native:flash")]
     assert torch.equal(out, original_sdpa(q, k, v))
+
+
+def test_untuned_calls_pass_through_pinned_to_the_native_backend_fastest_in_this_devices_buckets(rt, tmp_path):
+    record_configs(rt, tmp_path, tuned_entry(ours_ms=3.0, native_ms=1.0))  # non-causal: native flash fastest
+    q, k, v = qkv(L=256)
+    plan = noflash_tune.explain(q, k, v, is_causal=True)  # no causal entry
+    assert plan.source == "native" and plan.entry is None
+    assert plan.variant == Variant("native:flash")
+    assert "flash was the fastest native backend in 1 tuned buckets" in plan.reason
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(out, original_sdpa(q, k, v, is_causal=True))
+    # Where that backend cannot take the call (dropout: CPU flash refuses it), native runs as is.
+    plan = noflash_tune.explain(q, k, v, dropout_p=0.5)
+    assert plan.variant is None or plan.variant.kind != "native"
 
 
 def test_a_native_time_measured_on_a_backend_this_call_cannot_use_is_ignored(rt, tmp_path):
@@ -183,7 +198,7 @@ def test_a_native_time_measured_on_a_backend_this_call_cannot_use_is_ignored(rt,
     its math path, so the tuned variant serves it."""
     record_configs(rt, tmp_path, tuned_entry(ours_ms=3.0, native_ms=1.0))
     q, k, v = qkv(L=256)
-    assert noflash_tune.explain(q, k, v).variant is None
+    assert noflash_tune.explain(q, k, v).variant == Variant("native:flash")
     plan = noflash_tune.explain(q, k, v, dropout_p=0.1)
     assert plan.variant == TUNED and plan.source == "tuned"
     assert "dropout > 0" in plan.rejected["native:flash"]

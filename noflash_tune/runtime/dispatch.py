@@ -139,6 +139,21 @@ def _best_of_ours(entry, call) -> Variant | None:
     return None
 
 
+def _preferred_native(cs, usable: list[str]) -> tuple[str, int] | None:
+    """The fused native backend that measured fastest in the most tuned buckets of this device, among ``usable``
+    (native's own priority order does not always put this device's fastest first), with that count."""
+    if cs is None:
+        return None
+    wins: dict[str, int] = {}
+    for e in cs.entries:
+        if e.native is not None and e.native[0] in usable:
+            wins[e.native[0]] = wins.get(e.native[0], 0) + 1
+    if not wins:
+        return None
+    best = max(wins, key=lambda b: (wins[b], -usable.index(b)))
+    return best, wins[best]
+
+
 def build_plan(call: contract.Call) -> Plan:
     force = force_enabled()
     bucket = Bucket.of(call)
@@ -160,8 +175,13 @@ def build_plan(call: contract.Call) -> Plan:
         return Plan(variant=variant, source=source, reason=reason, chain=fallback.chain_for(variant, call),
                     entry=entry, **base)
 
-    def native(source: str, reason: str, entry=None) -> Plan:
-        return Plan(variant=None, source=source, reason=reason, entry=entry, **base)
+    def native(source: str, reason: str, entry=None, backend: str | None = None) -> Plan:
+        """Native SDPA: pinned to ``backend`` (one that measured fastest here) where given, else as is."""
+        if backend is None or backend not in native_fused:
+            return Plan(variant=None, source=source, reason=reason, entry=entry, **base)
+        pinned = Variant(f"native:{backend}")
+        return Plan(variant=pinned, source=source, reason=reason, entry=entry,
+                    chain=fallback.chain_for(pinned, call), **base)
 
     if not supported:
         return native("native", "no noflash-tune family supports this call")
@@ -186,16 +206,20 @@ def build_plan(call: contract.Call) -> Plan:
                 vs = f" vs native {nat[0]} {nat[1]:.3g} ms" if nat else ""
                 return ours(mine, "tuned", f"tuned ({where}): {mine_ms:.3g} ms{vs}", entry)
             return native("tuned", f"tuned ({where}): native {nat[0]} {nat[1]:.3g} ms beats ours "
-                                   f"{mine_ms:.3g} ms", entry)
+                                   f"{mine_ms:.3g} ms", entry, nat[0])
         if not force and nat is not None:
-            return native("tuned", f"tuned ({where}): native {nat[0]} {nat[1]:.3g} ms was fastest", entry)
+            return native("tuned", f"tuned ({where}): native {nat[0]} {nat[1]:.3g} ms was fastest", entry, nat[0])
 
     default = Variant(supported[0])
     if force:
         return ours(default, "default", f"NOFLASH_TUNE_FORCE=1 and no tuned entry: {supported[0]}'s defaults")
     if native_fused:
-        return native("native", f"native has a fused kernel ({', '.join(native_fused)}) and no measurement here "
-                                "says noflash-tune is faster")
+        why = (f"native has a fused kernel ({', '.join(native_fused)}) and no measurement here says noflash-tune "
+               "is faster")
+        preferred = _preferred_native(cs, native_fused)
+        if preferred is not None:
+            why += f"; {preferred[0]} was the fastest native backend in {preferred[1]} tuned buckets of this device"
+        return native("native", why, backend=preferred[0] if preferred else None)
     score_bytes = call.B * call.H * call.L * call.S * 4
     cap = fallback.vram_cap_bytes()
     if score_bytes >= MATH_SCORES_BYTES or (cap is not None and score_bytes > cap):

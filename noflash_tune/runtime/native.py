@@ -27,7 +27,14 @@ def pinned(backend: str | None):
 
 def run_native(call, backend: str | None = None) -> torch.Tensor:
     """Native SDPA on a normalised call's 4-D views; returns (B, H, L, Ev)."""
-    kwargs = {"enable_gqa": True} if call.groups > 1 else {}
-    with pinned(backend):
-        return original_sdpa(call.q, call.k, call.v, attn_mask=call.mask, dropout_p=call.dropout_p,
-                             is_causal=call.causal, scale=call.scale, **kwargs)
+    kwargs = dict(attn_mask=call.mask, dropout_p=call.dropout_p, is_causal=call.causal, scale=call.scale,
+                  **({"enable_gqa": True} if call.groups > 1 else {}))
+    if backend is None:
+        return original_sdpa(call.q, call.k, call.v, **kwargs)
+    try:
+        with pinned(backend):
+            return original_sdpa(call.q, call.k, call.v, **kwargs)
+    except RuntimeError as exc:
+        if "No available kernel" not in str(exc):
+            raise
+    return original_sdpa(call.q, call.k, call.v, **kwargs)  # the pinned backend refused: native's own choice
