@@ -186,13 +186,17 @@ def _llama_info(model, cfg, batch, length) -> dict:
                 length=length)
 
 
+def _llama_and_tokens(tiny: bool, dev, dtype, length: int, train: bool):
+    cfg = llama_config(tiny)
+    model = build_llama(cfg, dev, dtype).train(train)
+    return cfg, model, _token_ids(cfg.vocab_size, 1, length, dev)
+
+
 def llama_prefill(tiny: bool) -> Spec:
     length = 256 if tiny else 8192
 
     def build(dev, dtype):
-        cfg = llama_config(tiny)
-        model = build_llama(cfg, dev, dtype).eval()
-        ids = _token_ids(cfg.vocab_size, 1, length, dev)
+        cfg, model, ids = _llama_and_tokens(tiny, dev, dtype, length, train=False)
 
         def logits(m):
             with torch.no_grad():
@@ -213,9 +217,7 @@ def llama_train(tiny: bool) -> Spec:
     length = 256 if tiny else 4096
 
     def build(dev, dtype):
-        cfg = llama_config(tiny)
-        model = build_llama(cfg, dev, dtype).train()
-        ids = _token_ids(cfg.vocab_size, 1, length, dev)
+        cfg, model, ids = _llama_and_tokens(tiny, dev, dtype, length, train=True)
 
         def step(m=model):
             m.zero_grad(set_to_none=True)

@@ -22,18 +22,19 @@ from .variants import FAMILIES, Variant
 NATIVE = ("cudnn", "flash", "efficient", "math")
 
 
-def bench_shapes(preset: str, device_type: str, native: str, sizes: tuple[int, ...] | None = None) -> list[Shape]:
-    """``bench`` preset: N sweeps per D and causal (``sizes`` overrides the Ns); others: the tuner's presets."""
+def bench_shapes(preset: str, device_type: str, native: str, sizes: tuple[int, ...] | None = None,
+                 heads: int | None = None) -> list[Shape]:
+    """``bench`` preset: N sweeps per D and causal (``sizes``, ``heads`` override); others: the tuner's presets."""
     from .shapes import load_shapes
 
     if preset != "bench":
         return load_shapes(preset, device_type)
     if device_type == "cpu":
-        return [Shape(B=1, H=8, L=n, E=64, dtype="fp32", causal=c) for c in (False, True)
+        return [Shape(B=1, H=heads or 8, L=n, E=64, dtype="fp32", causal=c) for c in (False, True)
                 for n in sizes or (512, 1024, 2048)]
     sizes = sizes or (1024, 2048, 4096, 8192, 16384) + ((32768, 65536) if native == "math-only" else ())
     dt = "fp16" if native == "math-only" else "bf16"
-    return [Shape(B=max(1, 16384 // n), H=16, L=n, E=d, dtype=dt, causal=c)
+    return [Shape(B=max(1, 16384 // n), H=heads or 16, L=n, E=d, dtype=dt, causal=c)
             for d in (64, 128) for c in (False, True) for n in sizes]
 
 
@@ -55,6 +56,9 @@ def _flex(shape: Shape):
         return None
     if shape.mask != "none" or shape.Ev != shape.E:
         return None
+    # One compilation per shape: without a reset, the shapes of a sweep pile up recompilations of
+    # flex_attention until torch.compile's cache limit makes it run eagerly (the full score matrix, at eager speed).
+    torch._dynamo.reset()
     compiled = torch.compile(flex_attention, dynamic=False)
     block_mask = None
     if shape.causal:
@@ -99,7 +103,16 @@ def _impls(shape: Shape, device, native: str):
 
     dev_type = torch.device(device).type
     kw = dict(is_causal=shape.causal, enable_gqa=shape.gqa > 1)
-    impls = {"noflash-tune (dispatched)": lambda q, k, v, m: sdpa(q, k, v, m, **kw)}
+    if native == "math-only":  # what the dispatcher does where native has no fused kernel
+        from .runtime.native import pinned
+
+        def dispatched(q, k, v, m):
+            with pinned("math"):
+                return sdpa(q, k, v, m, **kw)
+    else:
+        def dispatched(q, k, v, m):
+            return sdpa(q, k, v, m, **kw)
+    impls = {"noflash-tune (dispatched)": dispatched}
     call = shape.planning_call(device)
     chosen = [(f"{name} {_short(var)}", var) for name, var in _best_of_family(shape, device).items()]
     backends = ("math",) if native == "math-only" else NATIVE
@@ -125,6 +138,15 @@ def _short(v: Variant) -> str:
 
 
 def run_one(shape: Shape, name: str, fn, device, budget_ms: float) -> Row:
+    if name == "native math" and torch.device(device).type == "cpu":
+        # On a CPU an allocation past RAM is not an exception: the kernel's OOM killer ends the whole process.
+        from .runtime.fallback import workspace_bytes
+
+        need, have = workspace_bytes(Variant("native:math"), shape.planning_call(device)), \
+            devmod.free_memory_bytes(device)
+        if need > 0.8 * have:
+            return Row(shape, name, math.nan, math.nan, None,
+                       f"OOM: needs ~{need / 2**30:.0f} GiB, {have / 2**30:.0f} GiB available (not run)")
     q, k, v, m = shape.make_inputs(device)
     go = torch.randn(shape.B, shape.H, shape.L, shape.Ev, device=device).to(q.dtype) if shape.grad else None
 
@@ -170,14 +192,18 @@ def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
         panels = sorted({(r.shape.E, r.shape.causal) for r in sel})
         for metric, ylabel, log in (("tflops", "TFLOP/s", False), ("peak_mib", "peak extra MiB", True)):
             fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+            impls = sorted({r.impl for r in sel})
+            colors = plt.get_cmap("tab20").colors
             for ax, (d, causal) in zip(axes[0], panels):
-                impls = sorted({r.impl for r in sel})
-                for impl in impls:
+                for i, impl in enumerate(impls):
                     pts = sorted((r.shape.L, getattr(r, metric)) for r in sel
                                  if r.impl == impl and r.shape.E == d and r.shape.causal == causal
                                  and getattr(r, metric) is not None and getattr(r, metric) == getattr(r, metric))
                     if pts:
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+                        ours = impl.startswith("noflash-tune")
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=impl, color=colors[i % 20],
+                                marker="o" if i < 10 else "s", linewidth=3 if ours else 1.3,
+                                linestyle="-" if i % 2 == 0 or ours else "--", zorder=3 if ours else 2)
                 ax.set_xscale("log", base=2)
                 if log:
                     ax.set_yscale("log")
@@ -185,11 +211,17 @@ def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
                 ax.set_xlabel("N")
                 ax.set_ylabel(ylabel)
                 ax.grid(True, alpha=0.3)
-            axes[0][0].legend(fontsize=7)
+            handles, labels = axes[0][0].get_legend_handles_labels()
+            for ax in axes[0][1:]:  # every implementation once, even one missing from the first panel
+                for h, lab in zip(*ax.get_legend_handles_labels()):
+                    if lab not in labels:
+                        handles.append(h)
+                        labels.append(lab)
+            fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
             fig.suptitle(title, fontsize=9)
             fig.tight_layout()
             path = out_dir / f"{kind}-{'tflops' if metric == 'tflops' else 'memory'}.png"
-            fig.savefig(path, dpi=110)
+            fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)
             paths.append(path)
     return paths
@@ -198,13 +230,14 @@ def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
 def main(args) -> int:
     from rich.console import Console
     from rich.progress import Progress
-    from rich.table import Table
 
     console = Console(width=170)
+    if getattr(args, "from_json", None):
+        return replot(Path(args.from_json), Path(args.out), console)
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
     sizes = tuple(int(n) for n in args.sizes.split(",")) if getattr(args, "sizes", None) else None
-    shapes = bench_shapes(args.shapes, torch.device(dev).type, args.native, sizes)
+    shapes = bench_shapes(args.shapes, torch.device(dev).type, args.native, sizes, getattr(args, "heads", None))
     if not args.no_grad:
         shapes = shapes + [replace(s, grad=True) for s in shapes if s.L <= 16384]
     out_dir = Path(args.out)
@@ -221,6 +254,24 @@ def main(args) -> int:
             _write_json(out_dir / "bench.json", rows)  # after every shape: a run cut short keeps what it measured
     title = (f"{devmod.device_name(dev)} · torch {torch.__version__} · "
              f"{time.strftime('%Y-%m-%d')} · native={args.native}")
+    (out_dir / "bench-meta.json").write_text(json.dumps({"title": title}))
+    return report(rows, shapes, out_dir, title, console)
+
+
+def replot(path: Path, out_dir: Path, console) -> int:
+    """The table and plots again, from a ``bench.json`` a run wrote (nothing is measured)."""
+    data = json.loads(path.read_text())
+    rows = [Row(Shape(**d["shape"]), d["impl"], d["ms"], d["tflops"], d["peak_mib"], d.get("error", ""))
+            for d in data]
+    meta = path.with_name("bench-meta.json")
+    title = json.loads(meta.read_text())["title"] if meta.is_file() else path.parent.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return report(rows, list(dict.fromkeys(r.shape for r in rows)), out_dir, title, console)
+
+
+def report(rows: list[Row], shapes: list[Shape], out_dir: Path, title: str, console) -> int:
+    from rich.table import Table
+
     pngs = plot(rows, out_dir, title)
     table = Table(title=title)
     for col in ("shape", "implementation", "ms", "TFLOP/s", "peak MiB", "vs best native"):

@@ -370,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="math-only: native restricted to its math path (a GPU without fused kernels)")
     sp.add_argument("--no-grad", action="store_true", help="forward only")
     sp.add_argument("--sizes", help="the bench preset's sequence lengths, e.g. 1024,4096,16384")
+    sp.add_argument("--heads", type=int, help="the bench preset's head count (default: 8 on CPUs, 16 on GPUs)")
+    sp.add_argument("--from-json", help="re-print the table and redraw the plots from a bench.json (no runs)")
     return p
 
 

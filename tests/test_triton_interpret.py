@@ -345,3 +345,33 @@ def test_gpu_bf16_as_fp16_and_bottom_right():
     v = Variant("triton", BLOCK_M=128, BLOCK_N=64, compute="fp16")
     _run_case(1, 4, 4, 1000, 3000, 128, 128, torch.bfloat16, causal=True, bottom_right=True, variant=v)
     _run_case(1, 4, 4, 3000, 1000, 64, 96, torch.bfloat16, causal=True, bottom_right=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_the_triton_op_replays_from_a_cuda_graph():
+    """Captured once, replayed on new inputs written into the same buffers: the result follows the inputs."""
+    import noflash_tune
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1000, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    variant = noflash_tune.Variant("triton")
+
+    def run():
+        return noflash_tune.attention(q, k, v, variant=variant, is_causal=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # compile and load outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for t in (q, k, v):
+        t.copy_(torch.randn(t.shape, device="cuda", dtype=t.dtype, generator=g))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, run(), atol=0, rtol=0)
+    ref = math_attention(q.float(), k.float(), v.float(), causal=True)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
