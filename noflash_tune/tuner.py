@@ -14,6 +14,7 @@ of this host are marked failed and re-enqueued. The product is small and determi
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -161,8 +162,6 @@ def _orphaned(t, host: str) -> bool:
     """A trial left by a process of this host that is no longer alive; or one no process ever stamped with its
     host and pid (killed right after asking for it: a live process stamps its trial within milliseconds)."""
     if "host" not in t.user_attrs:
-        import datetime
-
         return t.datetime_start is not None and (
             datetime.datetime.now() - t.datetime_start).total_seconds() > UNSTAMPED_GRACE_S
     return t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1)))
@@ -202,8 +201,6 @@ def wait_for_others(study: optuna.Study, timeout_s: float, poll_s: float = 0.1) 
     evaluate a candidate, so every process crowns from every result. Not waited for: trials of a dead process of
     this host, and trials that had already run ``timeout_s`` (the per-trial watchdog's limit: their process is
     gone). Waits at most ``timeout_s``; returns how many trials it left running."""
-    import datetime
-
     started_after = datetime.datetime.now() - datetime.timedelta(seconds=timeout_s)
     deadline = time.monotonic() + timeout_s
     while (running := _live_running(study, started_after)) and time.monotonic() < deadline:
@@ -385,11 +382,8 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     def evaluate(trial: optuna.Trial, vid: str) -> float:
         res = runner.run(variant_from_id(vid), shape, opts.vram_cap_bytes, budget)
         status = res["status"]
-        trial.set_user_attr("variant", vid)
-        trial.set_user_attr("status", status)
-        for key in ("reason", "peak_bytes", "p20", "p80"):
-            if key in res:
-                trial.set_user_attr(key, res[key])
+        for key, value in _result_attrs(vid, res).items():
+            trial.set_user_attr(key, value)
         cap = opts.vram_cap_bytes
         # Feasible when <= 0: peak memory over the cap, in MiB (the sampler learns the infeasible region).
         if "peak_bytes" in res and cap is not None:
@@ -431,14 +425,19 @@ def _measure_natives(study: optuna.Study, natives: list[Variant], runner: TrialR
         if vid in have:
             continue
         res = runner.run(v, shape, opts.vram_cap_bytes, opts.trial_budget_ms)
-        attrs = {"variant": vid, "status": res["status"], "host": socket.gethostname(), "pid": os.getpid(),
-                 **{k: res[k] for k in ("reason", "peak_bytes", "p20", "p80") if k in res}}
+        attrs = {"host": socket.gethostname(), "pid": os.getpid(), **_result_attrs(vid, res)}
         ok = res["status"] == "ok"
         study.add_trial(optuna.trial.create_trial(
             state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.PRUNED,
             value=float(res["ms"]) if ok else None, user_attrs=attrs))
         timed += 1
     return timed
+
+
+def _result_attrs(vid: str, res: dict) -> dict:
+    """What a trial records of a runner's result (``crown`` and ``show`` read these)."""
+    return {"variant": vid, "status": res["status"],
+            **{k: res[k] for k in ("reason", "peak_bytes", "p20", "p80") if k in res}}
 
 
 def _skip(trial: optuna.Trial, status: str, why: str, vid: str | None = None):
