@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import noflash_tune  # noqa: E402
 from noflash_tune import device as devmod, measure  # noqa: E402
 from noflash_tune.runtime import dispatch  # noqa: E402
+from noflash_tune.runtime.fallback import is_oom  # noqa: E402
 from noflash_tune.runtime.native import pinned  # noqa: E402
 
 BEST, MATH, TUNE, TUNE_NOFUSED = ("native best", "native math-only", "noflash-tune",
@@ -353,13 +354,6 @@ def baseline_for(wl: Workload, dtype: torch.dtype) -> Baseline:
 # --- rows ----------------------------------------------------------------------------------------------------
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 def _free(dev=None) -> None:
     gc.collect()
     if torch.cuda.is_available() and (dev is None or torch.device(dev).type == "cuda"):
@@ -398,7 +392,7 @@ def measure_row(wl: Workload, cfg: str, base: Baseline | None, dev, budget_ms: f
             row["peak_mib"] = None if peak is None else peak / 2**20
             wl.reset()
     except Exception as exc:  # noqa: BLE001 - a row that fails is recorded, the others still run
-        row["error"] = "OOM" if _is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:200]}"
+        row["error"] = "OOM" if is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:200]}"
     outs = None  # an exception can leave the check's outputs here: drop them before emptying the cache
     wl.reset()
     _free(dev)
@@ -425,7 +419,7 @@ def run_rows(specs: list[Spec], configs=CONFIGS, device="cpu", budget_ms: float 
         except Exception as exc:  # noqa: BLE001
             base = None
             if console is not None:
-                console.print(f"{wl.name}: no reference ({'OOM' if _is_oom(exc) else type(exc).__name__}); "
+                console.print(f"{wl.name}: no reference ({'OOM' if is_oom(exc) else type(exc).__name__}); "
                               "rows are timed without the accuracy check")
         _free(dev)
         for cfg in configs:

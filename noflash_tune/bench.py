@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import device as devmod, measure
+from .runtime.fallback import is_oom, workspace_bytes
 from .shapes import Shape
 from .variants import FAMILIES, Variant
 
@@ -140,8 +141,6 @@ def _short(v: Variant) -> str:
 def run_one(shape: Shape, name: str, fn, device, budget_ms: float) -> Row:
     if name == "native math" and torch.device(device).type == "cpu":
         # On a CPU an allocation past RAM is not an exception: the kernel's OOM killer ends the whole process.
-        from .runtime.fallback import workspace_bytes
-
         need, have = workspace_bytes(Variant("native:math"), shape.planning_call(device)), \
             devmod.free_memory_bytes(device)
         if need > 0.8 * have:
@@ -164,7 +163,7 @@ def run_one(shape: Shape, name: str, fn, device, budget_ms: float) -> Row:
         t = measure.time_fn(call, device, budget_ms)
         peak = measure.peak_extra_bytes(call, device)
     except Exception as exc:  # noqa: BLE001 - an implementation that cannot run is a row, not a crash
-        msg = "OOM" if "out of memory" in str(exc).lower() else f"{type(exc).__name__}: {str(exc)[:80]}"
+        msg = "OOM" if is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:80]}"
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
         return Row(shape, name, math.nan, math.nan, None, msg)
