@@ -317,12 +317,6 @@ def max_abs_errors(outputs: dict, ref: dict) -> dict:
     return errs
 
 
-def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
-    """A tiny absolute floor: twice the rounding of ``ref`` in ``dtype`` through ``x + 0.3 - 0.3``."""
-    r = ref.to(dtype)
-    return 2 * ((r + 0.3 - 0.3) - r).abs().max().item()
-
-
 @dataclass
 class Baseline:
     ref: dict  # output name -> reference tensor (upcast model, native math)
@@ -348,7 +342,7 @@ def baseline_for(wl: Workload, dtype: torch.dtype) -> Baseline:
         ours = wl.outputs()
     errors = max_abs_errors(ours, ref)
     del ours
-    return Baseline(ref=ref, errors=errors, floors={n: rounding_floor(r, dtype) for n, r in ref.items()})
+    return Baseline(ref=ref, errors=errors, floors={n: measure.rounding_floor(r, dtype) for n, r in ref.items()})
 
 
 # --- rows ----------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def math_attention(q, k, v, mask=None, causal=False, scale=None, enable_gqa=Fals
     return p @ v
 
 
-def _floor(ref: torch.Tensor, dtype: torch.dtype, max_logit: float = 0.0) -> float:
+def rounding_floor(ref: torch.Tensor, dtype: torch.dtype, max_logit: float = 0.0) -> float:
     """The tiny absolute floor: FA3's ``2·max|(ref+0.3−0.3) − ref|`` in ``dtype``. For fp32 also one ulp of the
     largest logit carried to the result (``eps·max|s|·max|ref|``): with few elements the max error of two fp32
     GEMM kernels differs by 3x on rounding luck alone, which the 2x rule was not written for."""
@@ -138,7 +138,7 @@ def check_accuracy(run, q, k, v, mask=None, causal=False, scale=None, enable_gqa
         eb = max(err(b, ref_t) for b in base_ts)
         if math.isnan(e) and not math.isnan(eb):
             e = float("inf")
-        bound = 2 * eb + _floor(ref_t, dt, max_logit)
+        bound = 2 * eb + rounding_floor(ref_t, dt, max_logit)
         rows[name] = (e, eb, bound)
 
     add("out", out, bases, ref)
