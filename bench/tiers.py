@@ -25,7 +25,7 @@ from rich.table import Table  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import noflash_tune  # noqa: E402
-from noflash_tune import contract, measure  # noqa: E402
+from noflash_tune import contract, measure, variants  # noqa: E402
 from noflash_tune.runtime import dispatch, fallback  # noqa: E402
 from noflash_tune.runtime.native import original_sdpa, pinned  # noqa: E402
 from noflash_tune.shapes import Shape  # noqa: E402
@@ -34,6 +34,10 @@ from noflash_tune.variants import Variant  # noqa: E402
 SWEEP = [Variant("torch_chunked", block_m=m) for m in (32, 64, 128, 256, 512)] + \
         [Variant("torch_online", block_m=m, block_n=n) for m in (64, 128, 256) for n in (256, 1024)] + \
         [Variant("torch_inplace", block_m=m) for m in (32, 64, 128)]
+# On a GPU the query-chunked tier also spreads its blocks over side streams, and larger blocks feed the P @ V GEMM
+# (whose output is only rows x Ev per head) enough tiles to fill the chip.
+SWEEP_GPU = [Variant("torch_chunked", block_m=m, streams=st) for m in (128, 256, 512, 1024, 2048) for st in (1, 2, 3)] + \
+            [Variant("torch_online", block_m=m, block_n=1024) for m in (128, 256)] + [Variant("torch_inplace", block_m=128)]
 
 
 def noflash_t1():
@@ -44,22 +48,25 @@ def noflash_t1():
     return chunked_sdpa
 
 
-def best_variant(shape: Shape, device: str, progress, task) -> tuple[Variant, str]:
-    """The tuned winner if one exists for this bucket, else the fastest of a short sweep measured here."""
+def best_variant(shape: Shape, device: str, progress, task, swept: dict) -> tuple[Variant, str]:
+    """The tuned winner if one exists for this bucket, else the fastest of a short sweep measured here (each
+    swept variant's ms lands in ``swept``)."""
     q, k, v, m = shape.make_inputs(device)
     call = contract.normalize(q, k, v, m, 0.0, shape.causal, None, False)
     cs = dispatch.configs_for(torch.device(device))
-    found = cs.lookup(call_bucket(call)) if cs is not None else None
+    found = cs.lookup(call_bucket(call)) if cs is not None and not swept.get("force") else None
     if found is not None and found[0].winner.kind == "torch":
         return found[0].winner, f"tuned ({found[1]})"
     best, best_ms = None, float("inf")
-    for var in SWEEP:
-        if var.params["block_m"] > shape.L:
+    for var in SWEEP_GPU if torch.device(device).type == "cuda" else SWEEP:
+        if var.params["block_m"] > shape.L or variants.prune_reason(var, call):
             continue
         try:
             ms = measure.time_fn(measure.make_runner(var, shape, device), device, 60.0).ms
-        except Exception:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
+            swept[str(var)] = f"{type(exc).__name__}: {str(exc)[:80]}"
             continue
+        swept[str(var)] = ms
         if ms < best_ms:
             best, best_ms = var, ms
         progress.advance(task, 0)
@@ -128,6 +135,8 @@ def main() -> int:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--native", default=None, help="pin native SDPA to this backend (e.g. math)")
     ap.add_argument("--graph", action="store_true", help="also time our variant replayed from a CUDA graph")
+    ap.add_argument("--sweep", action="store_true",
+                    help="sweep the tiers here even where a tuned entry exists, and list every swept variant")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = args.device
@@ -141,7 +150,9 @@ def main() -> int:
         task = progress.add_task("shapes", total=len(shapes))
         for shape in shapes:
             q, k, v, _ = shape.make_inputs(dev)
-            var, how = best_variant(shape, dev, progress, task)
+            swept = {"force": args.sweep}
+            var, how = best_variant(shape, dev, progress, task, swept)
+            swept.pop("force")
             ours = measure.make_runner(var, shape, dev)
 
             def native():
@@ -166,7 +177,10 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001
                     res[name] = (float("nan"), None)
                     console.print(f"{shape.label()} {name}: {type(exc).__name__}: {str(exc)[:120]}")
-            rows.append({"shape": shape.label(), "how": how, "results": {
+            if args.sweep:
+                console.print(f"{shape.label()} sweep: " + ", ".join(
+                    f"{name} {ms:.3f}" if isinstance(ms, float) else f"{name} {ms}" for name, ms in swept.items()))
+            rows.append({"shape": shape.label(), "how": how, "swept": swept, "results": {
                 k2: {"ms": ms, "peak_mib": None if p is None else p / 2**20} for k2, (ms, p) in res.items()}})
             progress.advance(task)
     overhead_us, kernel_us = dispatch_overhead_us(dev, args.dtype)

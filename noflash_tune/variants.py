@@ -105,9 +105,11 @@ def _register(f: Family) -> Family:
 _register(Family(
     name="torch_chunked",
     kind="torch",
-    space={"block_m": POW2_BLOCKS[1:], "compute": COMPUTE_CHOICES, "accumulation": ACCUMULATION_CHOICES},
+    space={"block_m": POW2_BLOCKS[1:], "compute": COMPUTE_CHOICES, "accumulation": ACCUMULATION_CHOICES,
+           "streams": (1, 2, 3, 4)},
     # The fused softmax works in fp32 inside, so P in the compute dtype rounds exactly as an fp32 P cast down.
-    defaults={"block_m": 256, "compute": "input", "accumulation": "native"},
+    # streams > 1 (GPUs only) overlaps one query block's softmax with another's GEMMs.
+    defaults={"block_m": 256, "compute": "input", "accumulation": "native", "streams": 1},
     templates=("torch/chunked.py.j2",),
     reasons_fn=_common_torch_reasons,
 ))
@@ -312,6 +314,11 @@ def prune_reason(v: Variant, call: "Call") -> str:
             return f"block_m={bm} exceeds the {L * call.groups} rows per kv head"
         if "block_n" in p and p["block_n"] > max(_next_pow2(S), 64):
             return f"block_n={p['block_n']} exceeds S={S}"
+        if p.get("streams", 1) > 1:
+            if call.q.device.type != "cuda":
+                return "streams > 1 needs a CUDA/ROCm device"
+            if p["streams"] > -(-L // bm):
+                return f"streams={p['streams']} exceeds the {-(-L // bm)} query blocks"
         comp = p["compute"]
         if comp != "input" and dtype_from_name(comp) == dt:
             return "compute equals the input dtype (same as 'input')"

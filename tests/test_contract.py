@@ -104,6 +104,35 @@ def test_each_tier_and_accumulation(tier, dtype, compute, accumulation):
         assert acc.ok, f"{variant} causal={causal}: {acc}"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("causal,mask,groups", [(False, None, 1), (True, None, 2), (False, "bool", 1)])
+def test_gpu_chunked_tier_on_several_streams_gives_the_one_stream_result(causal, mask, groups):
+    """Query blocks round-robin over side streams: the same kernels per block, so the same bits, forward and
+    backward; and the call stays ordered for the caller's stream (read right after, with no sync)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 4 * groups, 1000, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, 4, 1100, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    m = (torch.rand(2, 1, 1000, 1100, device="cuda", generator=g) > 0.3) if mask else None
+    dout = torch.randn(2, 4 * groups, 1000, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def run(streams):
+        ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = noflash_tune.attention(*ins, variant=Variant("torch_chunked", block_m=128, streams=streams),
+                                     attn_mask=m, is_causal=causal, enable_gqa=groups > 1)
+        out.backward(dout)
+        return [out.detach().clone()] + [t.grad.clone() for t in ins]
+
+    one = run(1)
+    for streams in (2, 3):
+        for a, b in zip(run(streams), one):
+            assert torch.equal(a, b), f"streams={streams}"
+    acc = check_accuracy(lambda *a, **kw: noflash_tune.attention(
+        *a, variant=Variant("torch_chunked", block_m=128, streams=2), **kw), q, k, v, m, causal=causal,
+        enable_gqa=groups > 1, grads=True)
+    assert acc.ok, str(acc)
+
+
 @pytest.mark.parametrize("shapes", [
     ((7, 16), (9, 16), (9, 8)),  # 2-D
     ((3, 7, 16), (3, 9, 16), (3, 9, 16)),  # 3-D
