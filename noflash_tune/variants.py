@@ -77,8 +77,6 @@ def _triton_reasons(call: "Call") -> list[str]:
         out.append(f"dtype {call.q.dtype} has no Triton dot")
     if max(call.E, call.Ev) > 1024:
         out.append(f"head dim {max(call.E, call.Ev)} > 1024")
-    if call.dropout_p > 0:
-        out.append("dropout is served by the PyTorch tiers")
     if call.mask is not None and call.mask.requires_grad:
         out.append("a float mask that requires grad is served by the PyTorch tiers")
     return out

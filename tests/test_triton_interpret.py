@@ -3,7 +3,8 @@
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before any kernel is
 defined) on CPU tensors, at small sizes: odd lengths, every mask kind and broadcast shape, GQA, causal top-left
 and bottom-right with Nq != Nk, Ev != E, fully masked rows, split-D, strided inputs, forward and every gradient,
-the custom ops under torch.compile. With CUDA the same small matrix runs natively, and the tests marked `gpu` run
+dropout (its realised keep mask read back, then forward and gradients against the math with that mask), the
+custom ops under torch.compile. With CUDA the same small matrix runs natively, and the tests marked `gpu` run
 it at real sizes (`pytest -m gpu`).
 
 Accuracy rule: max|ours - ref64| <= 2 * max|math_in_dtype - ref64| + floor, where math_in_dtype is the same
@@ -259,11 +260,114 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-def test_dropout_and_mask_grad_are_refused():
+def test_mask_grad_is_refused():
     q = torch.randn(1, 1, 4, 16, device=DEV)
-    call = normalize(q, q, q, dropout_p=0.1)
+    m = torch.zeros(1, 1, 4, 4, device=DEV, requires_grad=True)
+    call = normalize(q, q, q, attn_mask=m)
     with pytest.raises(NotImplementedError):
         triton_attention(call, Variant("triton"))
+
+
+# --- dropout ---------------------------------------------------------------------------------------------------
+
+def _dropout_ref(q, k, v, mask, causal, scale, groups, keep, p):
+    """softmax(q k^T * scale + masks) * keep / (1 - p) @ v with an explicit keep mask, in q's dtype (autograd).
+    P itself comes from the math reference with V = I (exact: one nonzero term per output)."""
+    B, Hkv, S = k.shape[0], k.shape[1], k.shape[2]
+    eye = torch.eye(S, dtype=q.dtype, device=q.device).expand(B, Hkv, S, S)
+    P = math_attention(q, k, eye, mask, causal=causal, scale=scale, enable_gqa=groups > 1)
+    vv = v.repeat_interleave(groups, 1) if groups > 1 else v
+    return (P * keep.to(q.dtype) / (1 - p)) @ vv
+
+
+def _drop_call(q, k, v, mask, causal, p, groups, variant, seed):
+    call = normalize(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p, enable_gqa=groups > 1)
+    torch.manual_seed(seed)  # the kernels' Philox seed is drawn from torch's default generator
+    return triton_attention(call, variant)
+
+
+# (B, H, Hkv, L, S, E, dtype, causal, mask, p, variant params); V is (., S, S) so that V = I reads the keep mask.
+_DROPOUT_CASES = {
+    "causal-Nq<Nk-fp32": (1, 2, 2, 29, 40, 16, torch.float32, True, None, 0.3, {}),
+    "causal-Nq>Nk-fp16": (1, 2, 2, 37, 24, 32, torch.float16, True, None, 0.5, dict(BLOCK_M=32)),
+    "bool-mask-fp32": (2, 2, 2, 21, 40, 16, torch.float32, False, "bool", 0.2, {}),
+    "float-mask-fp16": (1, 2, 2, 27, 24, 16, torch.float16, False, "float", 0.4, dict(BLOCK_N=32)),
+    "gqa-4/2-fp32": (2, 4, 2, 19, 24, 16, torch.float32, False, None, 0.3, {}),
+    "split-d-groups-causal-fp32": (1, 2, 1, 21, 136, 80, torch.float32, True, None, 0.25,
+                                   dict(BLOCK_M=64, BLOCK_D=64, num_warps=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(_DROPOUT_CASES), ids=list(_DROPOUT_CASES))
+def test_dropout_matches_its_own_keep_mask(case):
+    """The keep mask Z is read back exactly (q = k = 0: uniform P over the visible keys; V = I: out = P*Z/(1-p));
+    its keep rate is 1-p; the output and every gradient match the math with exactly that Z (the 2x rule), so the
+    backward regenerated the forward's mask; the same torch seed reproduces the output, another changes it."""
+    B, H, Hkv, L, S, E, dtype, causal, mask_kind, p, params = _DROPOUT_CASES[case]
+    variant = Variant("triton", **{**dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2), **params})
+    groups = H // Hkv
+    g = torch.Generator().manual_seed(10)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(B, H, L, S, generator=g) > 0.3
+        mask[1, 0, 4] = False  # a fully masked row: zeros, zero grads
+        mask = mask.to(DEV)
+    elif mask_kind == "float":
+        mask = torch.randn(L, S, generator=g).to(DEV, dtype)
+        mask[:, 3] = float("-inf")
+
+    # 1. The realised keep mask.
+    zq, zk = torch.zeros(B, H, L, E, device=DEV, dtype=dtype), torch.zeros(B, Hkv, S, E, device=DEV, dtype=dtype)
+    eye = torch.eye(S, device=DEV, dtype=dtype).expand(B, Hkv, S, S)
+    read = _drop_call(zq, zk, eye, mask, causal, p, groups, variant, seed=123)
+    P0 = math_attention(zq.double(), zk.double(), eye.double(), None if mask is None else
+                        (mask if mask.dtype == torch.bool else mask.double()), causal=causal, enable_gqa=groups > 1)
+    keep = read != 0
+    visible = P0 > 0
+    assert not (keep & ~visible).any()
+    torch.testing.assert_close(read.double(), keep * P0 / (1 - p), rtol=2e-3 if dtype == torch.float16 else 1e-5,
+                               atol=0)
+    n = visible.sum().item()
+    rate = keep[visible].double().mean().item()
+    assert abs(rate - (1 - p)) <= 4.5 * math.sqrt(p * (1 - p) / n), (rate, 1 - p, n)
+
+    # 2. Forward and gradients on random inputs against the math with that mask (same seed: same mask).
+    sc = 1.0 / math.sqrt(E)
+    q, k, v = (torch.randn(*shape, generator=g).to(DEV, dtype)
+               for shape in ((B, H, L, E), (B, Hkv, S, E), (B, Hkv, S, S)))
+    dout = torch.randn(B, H, L, S, generator=g).to(DEV, dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = _drop_call(*leaves, mask, causal, p, groups, variant, seed=123)
+    m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = _dropout_ref(*ref_in, m64, causal, sc, groups, keep, p)
+    low_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    low = _dropout_ref(*low_in, mask, causal, sc, groups, keep, p)
+    _check("out", out.detach(), low.detach(), ref.detach(), dtype)
+    out.backward(dout)
+    ref.backward(dout.double())
+    low.backward(dout)
+    for name, a, lo, r in zip(("dq", "dk", "dv"), leaves, low_in, ref_in):
+        _check(name, a.grad, lo.grad, r.grad, dtype)
+    if mask_kind == "bool":
+        assert out[1, 0, 4].abs().max().item() == 0 and leaves[0].grad[1, 0, 4].abs().max().item() == 0
+
+    # 3. Reproducible from torch's seed, and a different seed gives a different mask.
+    with torch.no_grad():
+        again = _drop_call(q, k, v, mask, causal, p, groups, variant, seed=123)
+        other = _drop_call(q, k, v, mask, causal, p, groups, variant, seed=124)
+    assert torch.equal(again, out.detach())
+    assert not torch.equal(other, again)
+
+
+def test_dropout_p_one_gives_zeros():
+    """p == 1 drops every weight: zeros, and zero gradients (the contract serves it before any kernel; the kernels
+    agree when called directly)."""
+    q, k, v = (torch.randn(1, 2, 9, 16, device=DEV).requires_grad_() for _ in range(3))
+    out = _drop_call(q, k, v, None, False, 1.0, 1, Variant("triton", BLOCK_M=16, BLOCK_N=16), seed=0)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in (q, k, v))
 
 
 def test_custom_op_compiles_without_graph_break():
@@ -295,8 +399,10 @@ def test_opcheck():
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(1, 2, 9, 16, generator=g).to(DEV).requires_grad_() for _ in range(3))
     m = (torch.rand(1, 1, 1, 9, generator=g) > 0.2).to(DEV).expand(1, 2, 9, 9)
-    torch.library.opcheck(torch.ops.noflash_tune.triton_fwd.default, (q, k, v, m, 0.25, False, False, key, True),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for extra in ((), (0.3, 12345678901)):  # without and with dropout (p, seed)
+        torch.library.opcheck(torch.ops.noflash_tune.triton_fwd.default,
+                              (q, k, v, m, 0.25, False, False, key, True, *extra),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 # --- real sizes on a GPU (pytest -m gpu) ---------------------------------------------------------------------

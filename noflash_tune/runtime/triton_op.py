@@ -5,7 +5,9 @@ Each has a fake (meta) implementation, and the forward op carries its backward t
 ``torch.compile`` keeps a call as one opaque node (no graph break) and autograd runs the fused backward.
 
 The ops take only tensors and plain values: the variant's parameters travel as one canonical JSON string
-(``params``), the specialisation as bools; the mask kind and GQA follow from the tensors. Needs torch >= 2.4.
+(``params``), the specialisation as bools; the mask kind and GQA follow from the tensors, dropout from
+``dropout_p > 0``. Dropout's keep decisions come from ``seed`` (drawn from torch's default generator by
+:func:`triton_attention`) and are regenerated in the backward from the same seed. Needs torch >= 2.4.
 """
 import json
 from functools import lru_cache
@@ -16,6 +18,7 @@ from torch import Tensor
 
 from ..codegen import Specialization, load
 from ..variants import Variant
+from .autograd import draw_seed
 
 __all__ = ["triton_attention", "params_key", "modules"]
 
@@ -38,9 +41,9 @@ def _mask_kind(mask: Optional[Tensor]) -> str:
     return "bool" if mask.dtype == torch.bool else "float"
 
 
-def modules(params: str, causal: bool, bottom_right: bool, mask_kind: str, gqa: bool):
+def modules(params: str, causal: bool, bottom_right: bool, mask_kind: str, gqa: bool, dropout: bool = False):
     """The rendered (forward, backward) modules of one variant and specialisation (cached by codegen)."""
-    spec = Specialization(causal=bool(causal), mask=mask_kind, gqa=bool(gqa),
+    spec = Specialization(causal=bool(causal), mask=mask_kind, gqa=bool(gqa), dropout=bool(dropout),
                           causal_bottom_right=bool(causal and bottom_right))
     variant = _variant(params)
     return load(variant, spec, 0), load(variant, spec, 1)
@@ -48,17 +51,19 @@ def modules(params: str, causal: bool, bottom_right: bool, mask_kind: str, gqa: 
 
 @torch.library.custom_op("noflash_tune::triton_fwd", mutates_args=())
 def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
-               bottom_right: bool, params: str, need_lse: bool) -> Tuple[Tensor, Tensor]:
-    """(out (B,H,L,Ev) in q.dtype, lse (B,H,L) fp32; an empty lse when ``need_lse`` is False)."""
-    fwd, _ = modules(params, causal, bottom_right, _mask_kind(mask), q.shape[1] != k.shape[1])
-    out, lse = fwd.forward(q, k, v, mask, scale, 0.0, 0, need_lse)
+               bottom_right: bool, params: str, need_lse: bool, dropout_p: float = 0.0,
+               seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """(out (B,H,L,Ev) in q.dtype, lse (B,H,L) fp32; an empty lse when ``need_lse`` is False). With
+    ``dropout_p > 0`` the output is dropped out with the keep decisions of ``seed``; the LSE is the undropped one."""
+    fwd, _ = modules(params, causal, bottom_right, _mask_kind(mask), q.shape[1] != k.shape[1], dropout_p > 0)
+    out, lse = fwd.forward(q, k, v, mask, scale, dropout_p, seed, need_lse)
     if lse is None:
         lse = torch.empty(0, dtype=torch.float32, device=q.device)
     return out, lse
 
 
 @triton_fwd.register_fake
-def _triton_fwd_fake(q, k, v, mask, scale, causal, bottom_right, params, need_lse):
+def _triton_fwd_fake(q, k, v, mask, scale, causal, bottom_right, params, need_lse, dropout_p=0.0, seed=0):
     B, H, L, _ = q.shape
     out = q.new_empty((B, H, L, v.shape[-1]))
     lse = q.new_empty((B, H, L) if need_lse else (0,), dtype=torch.float32)
@@ -67,36 +72,38 @@ def _triton_fwd_fake(q, k, v, mask, scale, causal, bottom_right, params, need_ls
 
 @torch.library.custom_op("noflash_tune::triton_bwd", mutates_args=())
 def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
-               scale: float, causal: bool, bottom_right: bool, params: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv): dk/dv of K/V's shapes (summed over the query heads of a GQA group)."""
-    _, bwd = modules(params, causal, bottom_right, _mask_kind(mask), q.shape[1] != k.shape[1])
-    dq, dk, dv, _ = bwd.backward(q, k, v, mask, out, lse, dout, scale, 0.0, 0, False)
+               scale: float, causal: bool, bottom_right: bool, params: str, dropout_p: float = 0.0,
+               seed: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv): dk/dv of K/V's shapes (summed over the query heads of a GQA group). ``dropout_p`` and
+    ``seed`` are the forward's, ``out`` its (dropped) output."""
+    _, bwd = modules(params, causal, bottom_right, _mask_kind(mask), q.shape[1] != k.shape[1], dropout_p > 0)
+    dq, dk, dv, _ = bwd.backward(q, k, v, mask, out, lse, dout, scale, dropout_p, seed, False)
     return dq, dk, dv
 
 
 @triton_bwd.register_fake
-def _triton_bwd_fake(dout, q, k, v, mask, out, lse, scale, causal, bottom_right, params):
+def _triton_bwd_fake(dout, q, k, v, mask, out, lse, scale, causal, bottom_right, params, dropout_p=0.0, seed=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, causal, bottom_right, params, need_lse = inputs
+    q, k, v, mask, scale, causal, bottom_right, params, need_lse, dropout_p, seed = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, mask, out, lse)
-    ctx.args = (scale, causal, bottom_right, params, need_lse)
+    ctx.args = (scale, causal, bottom_right, params, need_lse, dropout_p, seed)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, mask, out, lse = ctx.saved_tensors
-    scale, causal, bottom_right, params, need_lse = ctx.args
+    scale, causal, bottom_right, params, need_lse, dropout_p, seed = ctx.args
     if not need_lse:
         raise RuntimeError("noflash_tune::triton_fwd ran with need_lse=False; its output cannot be differentiated")
     dq, dk, dv = torch.ops.noflash_tune.triton_bwd(dout, q, k, v, mask, out, lse, scale, causal, bottom_right,
-                                                   params)
+                                                   params, dropout_p, seed)  # the forward's seed: the same mask
     needs = ctx.needs_input_grad
     return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 triton_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -106,15 +113,15 @@ def triton_attention(call, variant: Variant, causal_bottom_right: bool = False) 
     """Run ``variant`` (family ``triton``) on a normalised :class:`~noflash_tune.contract.Call`.
 
     Returns the output ``(B, H, L, Ev)`` in q's dtype, connected to autograd when an input requires grad. The
-    caller reshapes it to ``call.out_shape``. Dropout and a mask that requires grad are not served here
-    (``variants._triton_reasons`` rejects them).
+    caller reshapes it to ``call.out_shape``. Dropout draws its seed from torch's default generator (as the
+    PyTorch tiers do), so ``torch.manual_seed`` makes a call reproducible. A mask that requires grad is not
+    served here (``variants._triton_reasons`` rejects it).
     """
-    if call.dropout_p > 0:
-        raise NotImplementedError("the triton family does not implement dropout (served by the PyTorch tiers)")
     if call.mask is not None and call.mask.requires_grad:
         raise NotImplementedError("the triton family does not differentiate the mask (served by the PyTorch tiers)")
     need_lse = call.needs_grad  # the contract decided it: grad mode on and an input requires grad
+    dropout_p = float(call.dropout_p)
     out, _ = torch.ops.noflash_tune.triton_fwd(call.q, call.k, call.v, call.mask, float(call.scale),
                                                bool(call.causal), bool(causal_bottom_right), params_key(variant),
-                                               need_lse)
+                                               need_lse, dropout_p, draw_seed(dropout_p))
     return out
