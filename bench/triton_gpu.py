@@ -65,27 +65,35 @@ CASES = {
 QUICK = 3  # configs per list under --quick
 
 
+TMA = False  # --tma: each whole-head-dim tile also with tma=1 (bulk tensor copies)
+
+
 def config_list(kind: str, D: int, quick: bool):
-    """The tuner's seed tiles for this head dim (noflash_tune.variants.TRITON_SEEDS_*)."""
+    """The tuner's seed tiles for this head dim (noflash_tune.variants.TRITON_SEEDS_*), as
+    (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D, tma)."""
     from noflash_tune.variants import TRITON_SEEDS_FWD, triton_seed_class, triton_seed_tiles
 
     out = triton_seed_tiles(D, kind != "fwd")
     n_fwd = len(TRITON_SEEDS_FWD[triton_seed_class(D)])
     if quick:
         out = out[:QUICK] + (out[n_fwd:n_fwd + 2] if kind != "fwd" else [])
+    out = [(*cfg, 0) for cfg in out]
+    if TMA:
+        out += [(*cfg[:5], 1) for cfg in out if cfg[4] == 0]
     return out
 
 
 def variant_of(cfg, compute="input"):
     from noflash_tune.variants import Variant
 
-    bm, bn, nw, ns, bd = cfg
-    return Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, compute=compute)
+    bm, bn, nw, ns, bd, tma = cfg
+    return Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, compute=compute,
+                   tma=tma)
 
 
 def cfg_str(cfg):
-    bm, bn, nw, ns, bd = cfg
-    return f"{bm}x{bn}/w{nw}/s{ns}" + (f"/d{bd}" if bd else "")
+    bm, bn, nw, ns, bd, tma = cfg
+    return f"{bm}x{bn}/w{nw}/s{ns}" + (f"/d{bd}" if bd else "") + ("/tma" if tma else "")
 
 
 def flops(case, kind=None):
@@ -410,7 +418,10 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=0, help="precompile in N worker processes first")
     ap.add_argument("--no-native", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="tracebacks for errors")
+    ap.add_argument("--tma", action="store_true", help="also each whole-head-dim tile with tma=1")
     args = ap.parse_args(argv)
+    global TMA
+    TMA = args.tma
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
         return 0

@@ -172,6 +172,11 @@ def shared_memory_limit(index: int = 0) -> int:
         return 101376
 
 
+def hopper_or_later(dev) -> bool:
+    """An NVIDIA GPU of compute capability 9.0 or later (TMA, wgmma)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(dev)[0] >= 9
+
+
 def triton_prune_reason(v: "Variant", call: "Call") -> str:
     """Analytic pruning of a Triton config before any launch ('' = keep)."""
     from .variants import _next_pow2
@@ -190,6 +195,10 @@ def triton_prune_reason(v: "Variant", call: "Call") -> str:
         return f"split-D (BLOCK_D={bd}) is for head dims above 256, not {d}"
     if bd and bd >= dpad:
         return f"BLOCK_D={bd} does not split head dim {d}"
+    if p.get("tma") and bd:
+        return "TMA tiles cover the whole head dim: not with split-D"
+    if p.get("tma") and call.q.device.type == "cuda" and not hopper_or_later(call.q.device):
+        return "TMA (bulk tensor copies) needs a Hopper or later NVIDIA GPU"
     if p["compute"] == "fp16" and call.q.dtype != torch.bfloat16:
         return "fp16 compute is a choice for bf16 input only"
     elt = 4 if call.q.dtype == torch.float32 and p["compute"] == "input" else 2

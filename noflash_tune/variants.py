@@ -134,9 +134,10 @@ _register(Family(
     kind="triton",
     space={"BLOCK_M": (16, 32, 64, 128, 256), "BLOCK_N": (16, 32, 64, 128, 256), "BLOCK_D": (0, 64, 128, 256),
            "num_warps": (2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5), "compute": ("input", "fp16"),
-           "accumulation": ("fp32",)},
+           "accumulation": ("fp32",), "tma": (0, 1)},
+    # tma=1: the forward reads Q/K/V tiles with Hopper's bulk tensor copies (whole-head-dim tiles only).
     defaults={"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 0, "num_warps": 8, "num_stages": 3, "compute": "input",
-              "accumulation": "fp32"},
+              "accumulation": "fp32", "tma": 0},
     templates=("triton/attention_fwd.py.j2", "triton/attention_bwd.py.j2"),
     reasons_fn=_triton_reasons,
 ))

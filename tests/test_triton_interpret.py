@@ -193,6 +193,29 @@ def test_gqa(mask_kind, request):
     _run_case(1, 6, 2, 25, 30, 16, 16, torch.float32, mask=m)
 
 
+@pytest.mark.parametrize("case", ["odd-causal-gqa", "bool-mask-ev", "blhe-float-mask", "bottom-right"])
+def test_tma_tiles_match_the_pointer_path_and_the_rule(case):
+    """tma=1 reads Q/K/V through tensor-map descriptors (zero-filled past L, S and E): odd lengths, GQA, causal
+    with L != S, masks, Ev != E, a (B, L, H, E) layout, bottom-right; the same answer as the pointer reads."""
+    g = torch.Generator().manual_seed(7)
+    kw, args = {}, (2, 4, 2, 37, 45, 24, 24, torch.float16)
+    if case == "odd-causal-gqa":
+        kw = dict(causal=True)
+    elif case == "bool-mask-ev":
+        args = (1, 2, 2, 29, 50, 32, 40, torch.float32)
+        kw = dict(mask=torch.rand(1, 2, 29, 50, generator=g) > 0.3)
+    elif case == "blhe-float-mask":
+        args = (2, 2, 2, 33, 33, 16, 16, torch.float16)
+        kw = dict(mask=torch.randn(33, 33, generator=g), layout="blhe")
+    else:
+        args = (1, 2, 1, 23, 41, 16, 16, torch.float32)
+        kw = dict(causal=True, bottom_right=True)
+    tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+    out, grads = _run_case(*args, variant=Variant("triton", tma=1, **tile), **kw)
+    out0, grads0 = _run_case(*args, variant=Variant("triton", tma=0, **tile), **kw)
+    torch.testing.assert_close(out, out0, rtol=0, atol=0)
+
+
 def test_gqa_causal_bottom_right():
     _run_case(2, 4, 1, 19, 35, 16, 16, torch.float16, causal=True, bottom_right=True,
               variant=Variant("triton", BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2))
