@@ -54,12 +54,17 @@ def best_variant(shape: Shape, device: str, progress, task, swept: dict) -> tupl
     q, k, v, m = shape.make_inputs(device)
     call = contract.normalize(q, k, v, m, 0.0, shape.causal, None, False)
     cs = dispatch.configs_for(torch.device(device))
-    found = cs.lookup(call_bucket(call)) if cs is not None and not swept.get("force") else None
-    if found is not None and found[0].winner.kind == "torch":
+    def tier_for_this_call(entry):
+        fam = variants.FAMILIES[entry.winner.family]
+        return fam.kind == "torch" and (fam.autograd or not shape.grad)
+
+    found = cs.lookup(call_bucket(call), tier_for_this_call) if cs is not None and not swept.get("force") else None
+    if found is not None:
         return found[0].winner, f"tuned ({found[1]})"
     best, best_ms = None, float("inf")
     for var in SWEEP_GPU if torch.device(device).type == "cuda" else SWEEP:
-        if var.params["block_m"] > shape.L or variants.prune_reason(var, call):
+        if var.params["block_m"] > shape.L or variants.prune_reason(var, call) or \
+                (shape.grad and not variants.FAMILIES[var.family].autograd):
             continue
         try:
             ms = measure.time_fn(measure.make_runner(var, shape, device), device, 60.0).ms
@@ -135,6 +140,7 @@ def main() -> int:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--native", default=None, help="pin native SDPA to this backend (e.g. math)")
     ap.add_argument("--graph", action="store_true", help="also time our variant replayed from a CUDA graph")
+    ap.add_argument("--grad", action="store_true", help="time forward+backward (every implementation)")
     ap.add_argument("--sweep", action="store_true",
                     help="sweep the tiers here even where a tuned entry exists, and list every swept variant")
     ap.add_argument("--out", default=None)
@@ -143,34 +149,48 @@ def main() -> int:
     t1 = noflash_t1()
     rows = []
     sizes = [int(s) for s in args.sizes.split(",")]
-    shapes = [Shape(B=args.batch, H=args.heads, L=n, E=args.head_dim, dtype=args.dtype, causal=c)
+    shapes = [Shape(B=args.batch, H=args.heads, L=n, E=args.head_dim, dtype=args.dtype, causal=c, grad=args.grad)
               for n in sizes for c in (False, True)]
     console = Console(width=160)
     with Progress(console=console) as progress:
         task = progress.add_task("shapes", total=len(shapes))
         for shape in shapes:
             q, k, v, _ = shape.make_inputs(dev)
+            dout = torch.randn_like(q)
             swept = {"force": args.sweep}
             var, how = best_variant(shape, dev, progress, task, swept)
             swept.pop("force")
             ours = measure.make_runner(var, shape, dev)
 
+            def with_grad(fn):
+                """``fn`` as timed: forward only, or (--grad) forward and backward from fresh grads."""
+                if not shape.grad:
+                    return fn
+
+                def run():
+                    for t in (q, k, v):
+                        t.grad = None
+                    out = fn()
+                    out.backward(dout)
+                    return out
+                return run
+
             def native():
-                with torch.no_grad(), pinned(args.native):
+                with pinned(args.native):
                     return original_sdpa(q, k, v, is_causal=shape.causal)
 
-            impls = {f"ours: {var}": ours, f"native{':' + args.native if args.native else ''}": native}
+            impls = {f"ours: {var}": ours, f"native{':' + args.native if args.native else ''}": with_grad(native)}
             if torch.device(dev).type == "cuda" and args.graph:
                 try:
                     impls[f"ours in a CUDA graph: {var}"] = cuda_graphed(ours)
                 except Exception as exc:  # noqa: BLE001 - an experiment, not a result
                     console.print(f"{shape.label()}: CUDA graph capture failed: {type(exc).__name__}: {exc}"[:200])
             if t1 is not None:
-                impls["noflash-attention T1"] = lambda: t1(q, k, v, is_causal=shape.causal)
+                impls["noflash-attention T1"] = with_grad(lambda: t1(q, k, v, is_causal=shape.causal))
             res = {}
             for name, fn in impls.items():
                 try:
-                    with torch.no_grad():
+                    with torch.set_grad_enabled(shape.grad):
                         t = measure.time_fn(fn, dev, 400.0)
                         peak = measure.peak_extra_bytes(fn, dev)
                     res[name] = (t.ms, peak)
@@ -189,7 +209,7 @@ def main() -> int:
         Path(args.out).write_text(json.dumps({"device": str(dev), "torch": torch.__version__, "rows": rows,
                                               "dispatch_overhead_us": overhead_us, "decode_kernel_us": kernel_us}, indent=1))
     table = Table(title=f"PyTorch tiers on {dev} ({torch.__version__}), {args.dtype}, B={args.batch} "
-                        f"H={args.heads} D={args.head_dim}")
+                        f"H={args.heads} D={args.head_dim}{', forward+backward' if args.grad else ''}")
     for col in ("shape", "implementation", "ms", "peak MiB", "vs noflash T1"):
         table.add_column(col, justify="left" if col in ("shape", "implementation") else "right")
     for row in rows:
