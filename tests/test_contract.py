@@ -266,6 +266,111 @@ def test_dropout_gradients_match_the_same_mask():
         assert torch.autograd.gradcheck(lambda v_: f(q.detach(), k.detach(), v_), (v,))
 
 
+CHUNKED_GRAD_CASES = {  # B=2, Hkv=2, 3 heads per kv head, L=77, S=93, E=40, Ev=24: odd tails, several blocks
+    "causal L!=S": dict(causal=True, mask=None),
+    "bool mask LS": dict(causal=False, mask="bool"),
+    "float mask B1LS with grad": dict(causal=False, mask="float"),
+}
+
+
+@pytest.mark.parametrize("dtype,accumulation", [(torch.float32, "native"), (torch.bfloat16, "fp32"),
+                                                (torch.bfloat16, "native")], ids=["fp32", "bf16-fp32acc", "bf16"])
+@pytest.mark.parametrize("case", list(CHUNKED_GRAD_CASES))
+def test_chunked_gradients_under_the_2x_rule(dtype, accumulation, case):
+    """Every gradient of the query-chunked tier (dq, dk, dv and a float mask's) meets the 2x rule in fp32 and bf16,
+    with GQA, Ev != E, causal with L != S, broadcast masks and a fully masked row."""
+    gen = torch.Generator().manual_seed(5)
+    B, Hkv, G, L, S, E, Ev = 2, 2, 3, 77, 93, 40, 24
+    q = torch.randn(B, Hkv * G, L, E, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, S, E, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, S, Ev, generator=gen).to(dtype)
+    spec = CHUNKED_GRAD_CASES[case]
+    m = None
+    if spec["mask"] == "bool":
+        m = torch.rand(L, S, generator=gen) > 0.3
+        m[5] = False
+    elif spec["mask"] == "float":
+        m = torch.randn(B, 1, L, S, generator=gen).masked_fill(torch.rand(B, 1, L, S, generator=gen) < 0.2,
+                                                                float("-inf"))
+        m[:, :, 5] = float("-inf")
+        m = m.to(dtype).requires_grad_(True)
+    variant = Variant("torch_chunked", block_m=32, accumulation=accumulation)
+
+    def run(q, k, v, **kw):
+        return noflash_tune.attention(q, k, v, variant=variant, **kw)
+
+    acc = check_accuracy(run, q, k, v, m, causal=spec["causal"], enable_gqa=True, grads=True)
+    assert acc.ok, f"{variant} {case}: {acc}"
+    assert set(acc.rows) == {"out", "dq", "dk", "dv"} | ({"dmask"} if spec["mask"] == "float" else set())
+
+
+def _dropped_math(q, k, v, keep, p, mask, causal, dtype, order):
+    """Attention with a given keep-mask, in ``dtype``: softmax(s) * keep / (1 - p) @ v (the math path's dropout)."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    G = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    sc = 1.0 / math.sqrt(q.size(-1))
+    s = (q * sc) @ k.transpose(-1, -2) if order == "q" else q @ (k * sc).transpose(-1, -2)
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:
+        s = s + mask.to(dtype)
+    w = torch.softmax(s, -1)
+    return (w * keep.to(dtype) / (1 - p)) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "float-mask"])
+def test_chunked_dropout_gradients_under_the_2x_rule(dtype, causal):
+    """With dropout, the chunked tier's output and gradients (dmask too) meet the 2x rule against the math path
+    run with the forward's own keep-mask, rebuilt here from the tier's counter-based stream: one draw per query
+    block (BLOCK_M rows of each kv head's G stacked query heads, keys [0, min(S, i1)) under causal)."""
+    from noflash_tune.codegen import Specialization, load
+    from noflash_tune.measure import rounding_floor
+    from noflash_tune.runtime.autograd import draw_seed
+
+    gen = torch.Generator().manual_seed(9)
+    B, Hkv, G, L, S, E, Ev, p, bm = 2, 2, 3, 77, 93, 40, 24, 0.3, 32
+    H = Hkv * G
+    q64 = torch.randn(B, H, L, E, generator=gen, dtype=torch.float64)
+    k64 = torch.randn(B, Hkv, S, E, generator=gen, dtype=torch.float64)
+    v64 = torch.randn(B, Hkv, S, Ev, generator=gen, dtype=torch.float64)
+    m64 = None if causal else torch.randn(B, 1, L, S, generator=gen, dtype=torch.float64)
+    go = torch.randn(B, H, L, Ev, generator=gen, dtype=torch.float64)
+    variant = Variant("torch_chunked", block_m=bm, accumulation="fp32")
+    mod = load(variant, Specialization(causal=causal, mask="none" if causal else "float", gqa=True, dropout=True))
+    torch.manual_seed(21)
+    seed = draw_seed(p)
+    keep = torch.ones(B, H, L, S, dtype=torch.bool)
+    for i0 in range(0, L, bm):
+        i1 = min(i0 + bm, L)
+        n = min(S, i1) if causal else S
+        block = mod._keep_mask((B, Hkv, G * (i1 - i0), n), p, seed, i0, 0, q64.device)
+        keep[:, :, i0:i1, :n] = block.view(B, Hkv, G, i1 - i0, n).flatten(1, 2)
+
+    def grads(fn, dt):
+        ins = [t.to(dt).requires_grad_(True) for t in (q64, k64, v64)]
+        m = None if m64 is None else m64.to(dt).requires_grad_(True)
+        out = fn(*ins, m)
+        return [out, *torch.autograd.grad(out, ins + ([m] if m is not None else []), go.to(dt))]
+
+    def ours(q, k, v, m):
+        torch.manual_seed(21)  # the same seed draw as above
+        return noflash_tune.attention(q, k, v, variant=variant, attn_mask=m, is_causal=causal, dropout_p=p,
+                                      enable_gqa=True)
+
+    ref = grads(lambda q, k, v, m: _dropped_math(q, k, v, keep, p, m, causal, torch.float64, "k"), torch.float64)
+    got = grads(ours, dtype)
+    bases = [grads(lambda q, k, v, m: _dropped_math(q, k, v, keep, p, m, causal, dtype, o), dtype) for o in "kq"]
+    names = ["out", "dq", "dk", "dv"] + ([] if causal else ["dmask"])
+    max_logit = (q64 @ k64.repeat_interleave(G, 1).transpose(-1, -2)).abs().max().item() / math.sqrt(E)
+    for i, name in enumerate(names):
+        err = (got[i].double() - ref[i]).abs().max().item()
+        base = max((b[i].double() - ref[i]).abs().max().item() for b in bases)
+        bound = 2 * base + rounding_floor(ref[i], dtype, max_logit)
+        assert err <= bound, f"{name}: {err:.3g} > {bound:.3g} (baseline {base:.3g})"
+
+
 def test_float_mask_receives_gradients(clean_runtime):
     sdpa = ours_forced(clean_runtime)
     q, k, v = (torch.randn(2, 2, 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))

@@ -1,4 +1,5 @@
-"""Autograd for the template tiers: forward saves the log-sum-exp, backward recomputes P blockwise from it.
+"""Autograd for the template tiers: backward recomputes P, from the log-sum-exp the forward saved where the
+module's ``BACKWARD_NEEDS_LSE`` says so (the online tier), else with the forward's own softmax (the chunked tier).
 
 One ``torch.autograd.Function`` serves every generated module that exposes ``forward``/``backward`` with the
 tiers' API (see ``templates/torch/_blocks.py.j2``). The dropout keep-mask is regenerated in backward from a seed
@@ -20,7 +21,8 @@ def draw_seed(dropout_p: float) -> int:
 class TierAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fwd_mod, bwd_mod, scale, dropout_p, seed, q, k, v, mask):
-        out, lse = fwd_mod.forward(q, k, v, mask, scale, dropout_p, seed, True)
+        need_lse = getattr(bwd_mod, "BACKWARD_NEEDS_LSE", True)
+        out, lse = fwd_mod.forward(q, k, v, mask, scale, dropout_p, seed, need_lse)
         ctx.bwd_mod = bwd_mod
         ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
         ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[8]
