@@ -77,10 +77,9 @@ def config_list(kind: str, D: int, quick: bool):
     n_fwd = len(TRITON_SEEDS_FWD[triton_seed_class(D)])
     if quick:
         out = out[:QUICK] + (out[n_fwd:n_fwd + 2] if kind != "fwd" else [])
-    out = [(*cfg, 0) for cfg in out]
     if TMA:
-        out += [(*cfg[:5], 1) for cfg in out if cfg[4] == 0]
-    return out
+        out += [(*cfg[:5], 1) for cfg in out if cfg[4] == 0 and cfg[5] == 0]
+    return list(dict.fromkeys(out))
 
 
 def variant_of(cfg, compute="input"):
@@ -263,6 +262,68 @@ def time_native(case, backend, q, k, v, m, dout):
         return bench_ms(fb, grad_to_none=[q, k, v])
 
 
+def time_dispatched(case, q, k, v, m, dout):
+    """(ms, what served it) of noflash-tune's dispatched SDPA: the tuned configs found here decide."""
+    import noflash_tune
+
+    kw = sdpa_kwargs(case, m)
+    sdpa = noflash_tune.scaled_dot_product_attention
+    with torch.set_grad_enabled(dout is not None):
+        plan = noflash_tune.explain(q, k, v, **kw)
+    served = f"{plan.variant if plan.variant is not None else 'native, its own choice'} ({plan.source})"
+    if dout is None:
+        def run():
+            with torch.no_grad():
+                return sdpa(q, k, v, **kw)
+        run()
+        return bench_ms(run), served
+
+    def fb():
+        sdpa(q, k, v, **kw).backward(dout)
+
+    fb()
+    return bench_ms(fb, grad_to_none=[q, k, v]), served
+
+
+def run_dispatched(name, case, natives):
+    """One case: the dispatched SDPA against each native backend, in the same run."""
+    kind = case[0]
+    grad = kind == "fwdbwd"
+    torch.cuda.empty_cache()
+    q, k, v, m = make_inputs(case, requires_grad=grad)
+    dout = torch.randn_like(q) if grad else None
+    fl = flops(case)
+    row = {"case": name, "target": case[-1], "native": {}, "configs": []}
+    try:
+        ms, served = time_dispatched(case, q, k, v, m, dout)
+        row["dispatched"] = {"ms": ms, "tflops": fl / ms / 1e9, "served": served}
+        print(f"== {name}: dispatched {ms:.3f} ms {fl / ms / 1e9:.1f} TFLOP/s by {served}", flush=True)
+    except Exception as e:
+        row["dispatched"] = {"error": short_err(e)}
+        print(f"== {name}: dispatched error: {short_err(e)}", flush=True)
+    for be in natives:
+        try:
+            ms = time_native(case, be, q, k, v, m, dout)
+            row["native"][be] = {"ms": ms, "tflops": fl / ms / 1e9}
+        except Exception as e:
+            row["native"][be] = {"error": short_err(e)}
+    return row
+
+
+def dispatched_table(rows):
+    hdr = f"{'case':<20} {'dispatched':>10} {'best native':>18} {'ratio':>6}  served by"
+    lines = [hdr, "-" * len(hdr)]
+    for r in rows:
+        d = r.get("dispatched", {})
+        nats = [(b, x["tflops"]) for b, x in r["native"].items() if "tflops" in x]
+        best = max(nats, key=lambda t: t[1]) if nats else None
+        ours = f"{d['tflops']:10.1f}" if "tflops" in d else f"{'error':>10}"
+        nat = f"{best[0]} {best[1]:.1f}" if best else "-"
+        ratio = f"{d['tflops'] / best[1]:5.2f}x" if best and "tflops" in d else "-"
+        lines.append(f"{r['case']:<20} {ours} {nat:>18} {ratio:>6}  {d.get('served', d.get('error', ''))}")
+    return "\n".join(lines)
+
+
 def prune(case, cfg):
     from noflash_tune.device import triton_prune_reason
 
@@ -419,6 +480,8 @@ def main(argv=None):
     ap.add_argument("--no-native", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     ap.add_argument("--tma", action="store_true", help="also each whole-head-dim tile with tma=1")
+    ap.add_argument("--dispatched", action="store_true",
+                    help="time noflash-tune's dispatched SDPA (the tuned configs found here) against native instead")
     args = ap.parse_args(argv)
     global TMA
     TMA = args.tma
@@ -432,9 +495,16 @@ def main(argv=None):
     import triton
 
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
+    natives = [] if args.no_native else ["cudnn", "flash", "efficient"]
+    if args.dispatched:
+        rows = [run_dispatched(n, CASES[n], natives) for n in names]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                              "triton": triton.__version__, "rows": rows}, indent=1, default=str))
+        print(f"\nTFLOP/s, bf16, dispatched SDPA against the best native backend:\n\n{dispatched_table(rows)}")
+        return 0
     if args.jobs > 0:
         precompile(names, args.jobs, args.quick)
-    natives = [] if args.no_native else ["cudnn", "flash", "efficient"]
     rows = []
     t0 = time.time()
     for n in names:

@@ -147,22 +147,28 @@ for _b in NATIVE_BACKENDS:
 TIER_ORDER = ("torch_chunked", "torch_online", "torch_inplace")
 
 # Triton tiles that measured well on an H100 (bench/triton_gpu.py), per head-dim class, as
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D). The tuner measures them right after the family's defaults,
-# then searches the whole space around them; on other GPUs the pruning drops those that cannot fit.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D, tma). The tuner measures them right after the family's defaults,
+# then searches the whole space around them; on other GPUs the pruning drops those that cannot fit. The tma=1 tiles
+# measured 4-6% ahead on an H200 for GQA, key-padding masks and D=256, and level or behind elsewhere.
 TRITON_SEEDS_FWD = {
-    "small": ((128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 64, 8, 4, 0), (256, 64, 16, 3, 0),
-              (64, 64, 4, 4, 0), (128, 64, 4, 3, 0)),
-    "d256": ((128, 64, 8, 2, 0), (64, 64, 4, 3, 0), (128, 32, 8, 3, 0), (64, 128, 8, 2, 0), (64, 32, 4, 3, 0)),
-    "split": ((64, 32, 8, 2, 128), (64, 32, 8, 2, 256), (64, 16, 8, 3, 128), (64, 64, 8, 1, 128),
-              (128, 32, 8, 2, 128)),
+    "small": ((128, 128, 8, 3, 0, 0), (128, 64, 8, 3, 0, 0), (128, 128, 8, 2, 0, 0), (128, 64, 8, 4, 0, 0),
+              (256, 64, 16, 3, 0, 0), (64, 64, 4, 4, 0, 0), (128, 64, 4, 3, 0, 0), (128, 128, 8, 3, 0, 1),
+              (128, 64, 4, 3, 0, 1)),
+    "d256": ((128, 64, 8, 2, 0, 0), (64, 64, 4, 3, 0, 0), (128, 32, 8, 3, 0, 0), (64, 128, 8, 2, 0, 0),
+             (64, 32, 4, 3, 0, 0), (128, 64, 8, 2, 0, 1)),
+    "split": ((64, 32, 8, 2, 128, 0), (64, 32, 8, 2, 256, 0), (64, 16, 8, 3, 128, 0), (64, 64, 8, 1, 128, 0),
+              (128, 32, 8, 2, 128, 0)),
 }
 # Backward: BLOCK_M is the block kept in registers (keys for dK/dV, queries for dQ), BLOCK_N the streamed one.
 TRITON_SEEDS_BWD = {
-    "small": ((128, 64, 8, 3, 0), (128, 32, 8, 3, 0), (64, 64, 4, 3, 0), (64, 32, 4, 4, 0), (128, 64, 8, 2, 0),
-              (64, 128, 8, 2, 0)),
-    "split": ((64, 64, 8, 1, 128), (32, 32, 4, 2, 128), (64, 16, 8, 2, 128), (32, 64, 4, 2, 128),
-              (64, 32, 8, 1, 128)),
+    "small": ((128, 64, 8, 3, 0, 0), (128, 32, 8, 3, 0, 0), (64, 64, 4, 3, 0, 0), (64, 32, 4, 4, 0, 0),
+              (128, 64, 8, 2, 0, 0), (64, 128, 8, 2, 0, 0)),
+    "split": ((64, 64, 8, 1, 128, 0), (32, 32, 4, 2, 128, 0), (64, 16, 8, 2, 128, 0), (32, 64, 4, 2, 128, 0),
+              (64, 32, 8, 1, 128, 0)),
 }
+# The query-chunked tier on a GPU, as (block_m, streams): large blocks give its P @ V GEMM enough output tiles to
+# fill the chip, and a second stream overlaps one block's softmax with the next block's GEMMs (bench/NOTES.md).
+CHUNKED_SEEDS_GPU = ((1024, 2), (2048, 2), (512, 2), (1024, 1))
 
 
 def triton_seed_class(head_dim: int) -> str:
@@ -179,11 +185,14 @@ def triton_seed_tiles(head_dim: int, grad: bool) -> list[tuple]:
 
 
 def seed_variants(family: str, call: "Call") -> list["Variant"]:
-    """What the tuner measures first for ``family``: its defaults, then (Triton) the seed tiles for this call."""
+    """What the tuner measures first for ``family``: its defaults, then the seeds for this call (Triton's tiles
+    for its head dim; the chunked tier's GPU blocks)."""
     out = [Variant(family)]
     if FAMILIES[family].kind == "triton":
-        out += [Variant(family, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd)
-                for bm, bn, nw, ns, bd in triton_seed_tiles(max(call.E, call.Ev), call.needs_grad)]
+        out += [Variant(family, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
+                for bm, bn, nw, ns, bd, tma in triton_seed_tiles(max(call.E, call.Ev), call.needs_grad)]
+    elif family == "torch_chunked" and call.q.device.type == "cuda":
+        out += [Variant(family, block_m=bm, streams=st) for bm, st in CHUNKED_SEEDS_GPU]
     return list(dict.fromkeys(out))
 
 
