@@ -107,14 +107,20 @@ def cmd_tune(args) -> int:
     out_dir = Path(args.out) if args.out else user_config_dir()
     console.print(f"noflash-tune: tuning [bold]{key}[/] ({devmod.device_name(dev)}), {len(shapes)} shapes, "
                   f"VRAM cap {cap / 2**30:.1f} GiB, storage {opts.storage or tuner.default_storage_url()}")
+    path = out_dir / f"{key}.json"
+
+    def write(results):
+        cfg = configs.parse(tuner.results_to_config(results, opts))
+        if cfg.entries:
+            configs.write_file(path, cfg, merge=True)  # atomic, under the file lock, merged with what is there
+        return cfg
+
     if args.workers and args.workers > 1:
         results = tuner.tune_parallel(shapes, opts, args.workers, console=console)
     else:
-        results = tuner.tune(shapes, opts, console=console)
-    doc = tuner.results_to_config(results, opts)
-    cfg = configs.parse(doc)
-    path = out_dir / f"{key}.json"
-    configs.write_file(path, cfg, merge=True)
+        done = []  # each crowned bucket is written at once: the faster of two shapes of one bucket, as at the end
+        results = tuner.tune(shapes, opts, console=console, on_result=lambda r: (done.append(r), write(done)))
+    cfg = write(results)
     clear_cache()
     console.print(winners_table(sorted(cfg.entries.values(), key=lambda e: e.key),
                                 f"tuned winners on {key} ({torch.__version__}), written to {path}"))

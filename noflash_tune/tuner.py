@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import socket
 import time
+from typing import Callable
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -588,8 +589,11 @@ def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidate
     return BucketResult(shape=shape, entry=entry, counts=counts)
 
 
-def tune(shapes: list[Shape], opts: TuneOptions, console=None) -> list[BucketResult]:
-    """Search and crown every shape (a rich progress bar per shape); returns the results in shape order."""
+def tune(shapes: list[Shape], opts: TuneOptions, console=None,
+         on_result: Callable[[BucketResult], None] | None = None) -> list[BucketResult]:
+    """Search and crown every shape (a rich progress bar per shape); returns the results in shape order.
+    ``on_result`` is called with each shape's result as soon as it is crowned (the CLI writes it to the config
+    file then, so a run killed later keeps every bucket it finished)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -616,6 +620,8 @@ def tune(shapes: list[Shape], opts: TuneOptions, console=None) -> list[BucketRes
                 res = crown(study, shape, opts, cands, runner=runner)
                 res.seconds = time.monotonic() - t0
                 results.append(res)
+                if on_result is not None:
+                    on_result(res)
     finally:
         runner.close()
         if warmer is not None:

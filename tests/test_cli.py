@@ -37,6 +37,28 @@ def tuned(tmp_path_factory):
     return root, out_dir, rc, out, err
 
 
+def test_a_tune_that_dies_midway_keeps_every_bucket_it_crowned(tmp_path, monkeypatch):
+    """Each crowned bucket is written to the config file at once: a run that dies on its second shape leaves the
+    first shape's winner on disk (and the search log to resume the rest)."""
+    from noflash_tune import tuner
+
+    real_search, calls = tuner.search, []
+
+    def search(shape, *a, **kw):
+        calls.append(shape)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user's ^C, or the kill of a wall-clock limit, during the second shape
+        return real_search(shape, *a, **kw)
+
+    monkeypatch.setattr(tuner, "search", search)
+    out_dir = tmp_path / "tuned"
+    with pytest.raises(KeyboardInterrupt):
+        run_main(["--gpu", "cpu", "--shapes", "smoke", "--in-process", "--measure-ms", "5",
+                  "--storage", f"journal:{tmp_path / 'j.log'}", "--out", out_dir])
+    cfg = configs.load_file(out_dir / f"{KEY}.json")
+    assert sorted(cfg.entries) == [calls[0].bucket().key]
+
+
 def test_tune_smoke_writes_this_device_config_and_prints_the_winners(tuned):
     root, out_dir, rc, out, err = tuned
     assert rc == 0, out + err
