@@ -163,17 +163,7 @@ def main() -> int:
             ours = measure.make_runner(var, shape, dev)
 
             def with_grad(fn):
-                """``fn`` as timed: forward only, or (--grad) forward and backward from fresh grads."""
-                if not shape.grad:
-                    return fn
-
-                def run():
-                    for t in (q, k, v):
-                        t.grad = None
-                    out = fn()
-                    out.backward(dout)
-                    return out
-                return run
+                return measure.timed(fn, (q, k, v), dout if shape.grad else None)
 
             def native():
                 with pinned(args.native):
@@ -190,9 +180,8 @@ def main() -> int:
             res = {}
             for name, fn in impls.items():
                 try:
-                    with torch.set_grad_enabled(shape.grad):
-                        t = measure.time_fn(fn, dev, 400.0)
-                        peak = measure.peak_extra_bytes(fn, dev)
+                    t = measure.time_fn(fn, dev, 400.0)
+                    peak = measure.peak_extra_bytes(fn, dev)
                     res[name] = (t.ms, peak)
                 except Exception as exc:  # noqa: BLE001
                     res[name] = (float("nan"), None)

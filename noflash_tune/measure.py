@@ -282,17 +282,23 @@ def make_runner(variant: Variant, shape: Shape, device, seed: int = 0):
 
         def fwd():
             return fallback.run_variant(variant, call)
-    if not shape.grad:
+    go = torch.randn(shape.B, shape.H, shape.L, shape.Ev, device=device).to(q.dtype) if shape.grad else None
+    return timed(fwd, (q, k, v), go)
+
+
+def timed(fwd, leaves, dout=None):
+    """``fwd`` as the tuner and the benchmarks time it: the forward under no_grad when ``dout`` is None, else the
+    forward and the backward of ``dout``, from fresh grads on ``leaves``."""
+    if dout is None:
         def run():
             with torch.no_grad():
                 return fwd()
         return run
-    go = torch.randn(shape.B, shape.H, shape.L, shape.Ev, device=device).to(q.dtype)
 
     def run_grad():
-        for t in (q, k, v):
+        for t in leaves:
             t.grad = None
         out = fwd()
-        out.backward(go)
+        out.backward(dout)
         return out
     return run_grad
