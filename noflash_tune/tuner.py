@@ -352,6 +352,8 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
                       {"family": v.family, **{f"{v.family}.{k}": val for k, val in v.params.items()
                                               if len({x.params[k] for x in by_family[v.family]}) > 1}})
             study.enqueue_trial(params, skip_if_exists=True)
+    else:  # resumed: the seeds a deadline left unrun are enqueued again, once
+        _requeue_deadline_trials(study)
     total = len(kept_ids) if exhaustive else max(64, min(len(kept_ids), 256))
     if opts.trials:
         total = min(total, opts.trials)
@@ -414,6 +416,22 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     return study, cands
 
 
+def _requeue_deadline_trials(study: optuna.Study) -> None:
+    """Enqueue again each trial that a deadline stopped before it ran (status ``deadline``), unless its variant
+    has been evaluated or is waiting since."""
+    trials = study.get_trials(deepcopy=False)
+    live = {t.user_attrs.get("variant") for t in trials if t.user_attrs.get("status") != "deadline"}
+    live |= {json.dumps(t.system_attrs.get("fixed_params", t.params), sort_keys=True) for t in trials
+             if t.state in (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)}
+    for t in trials:
+        vid = t.user_attrs.get("variant")
+        params = t.system_attrs.get("fixed_params", t.params)
+        key = json.dumps(params, sort_keys=True)
+        if t.user_attrs.get("status") == "deadline" and vid not in live and key not in live:
+            study.enqueue_trial(params)
+            live |= {vid, key}
+
+
 def _measure_natives(study: optuna.Study, natives: list[Variant], runner: TrialRunner, shape: Shape,
                      opts: TuneOptions) -> int:
     """TPE search: time each native backend once, outside the sampler's space (it has nothing to search), and
@@ -470,12 +488,15 @@ def _batched(study, propose, evaluate, tick, cap_cb: _CandidateCap, remaining: i
              shape: Shape):
     """Ask for trials in batches of the warmer's size, compile the batch in parallel, then time each alone.
 
-    The first batch (the study's natives, defaults and seed tiles) runs whole even past the deadline: a bucket
-    must not end up without a measurement of each family because compiling took its share of the budget.
+    The first batch holds the study's enqueued trials (each family's defaults, then its seeds). Each family's
+    defaults run even past the deadline, so a bucket never ends up without a measurement of every family because
+    compiling took its share of the budget; the seeds run while the deadline allows, best first (the order they
+    were listed in), and those left are proposed again by a resumed search.
     """
+    defaults = {variant_id(Variant(name)) for name in FAMILIES}
     exhausted, first = False, True
     while remaining > 0 and not exhausted and (first or deadline is None or time.monotonic() < deadline):
-        cutoff = None if first else deadline
+        cutoff = deadline
         batch, size, asked = [], max(1, warmer.workers), 0
         if first:  # every enqueued seed in one batch
             size = max(size, len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))))
@@ -488,15 +509,16 @@ def _batched(study, propose, evaluate, tick, cap_cb: _CandidateCap, remaining: i
             except optuna.TrialPruned:
                 exhausted |= _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                 tick(study, trial)
-        # What needs no compiling is timed first; then the pool compiles the rest, which is timed after it.
-        batch.sort(key=lambda tv: tv[1].startswith("triton"))
+        # Defaults first; then what needs no compiling; the pool compiles the rest, which is timed after it.
+        batch.sort(key=lambda tv: (tv[1] not in defaults, tv[1].startswith("triton")))
         warmed = False
         for trial, vid in batch:
             if vid.startswith("triton") and not warmed:
                 warmer.warm([v for _, v in batch if v.startswith("triton")], shape, cutoff)
                 warmed = True
-            if cutoff is not None and time.monotonic() >= cutoff:
-                trial.set_user_attr("status", "deadline")  # never run: a resumed search proposes it again
+            if cutoff is not None and time.monotonic() >= cutoff and not (first and vid in defaults):
+                trial.set_user_attr("status", "deadline")  # never run: a resumed search enqueues it again
+                trial.set_user_attr("variant", vid)
                 _tell(study, trial, state=optuna.trial.TrialState.FAIL)
                 continue
             try:

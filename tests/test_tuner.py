@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import noflash_tune
-from noflash_tune import codegen, configs, device, measure, tuner
+from noflash_tune import codegen, configs, device, measure, tuner, variants
 from noflash_tune.trials import variant_id
 from noflash_tune.runtime import fallback
 from noflash_tune.runtime.native import original_sdpa
@@ -105,6 +105,30 @@ def test_tpe_search_times_each_native_once_starts_from_the_defaults_and_resumes(
     # Resuming a finished study measures nothing again.
     study2, _ = tuner.search(shape, opts, storage, warmer=warmer)
     assert len(study2.trials) == len(study.trials)
+
+
+def test_batched_first_batch_runs_every_default_but_only_the_seeds_the_deadline_allows(tmp_path, monkeypatch):
+    """Past the bucket's deadline the enqueued seeds wait for a resumed search; each family's defaults still run,
+    so no family goes unmeasured."""
+    monkeypatch.setattr(tuner, "EXHAUSTIVE_MAX", 0)
+    extra = [Variant("torch_chunked", block_m=m) for m in (32, 64, 128)]
+    real_seeds = variants.seed_variants
+    monkeypatch.setattr(variants, "seed_variants", lambda name, call: real_seeds(name, call) + (
+        extra if name == "torch_chunked" else []))
+    shape = Shape(B=1, H=2, L=300, E=16, dtype="fp32", causal=True)
+    opts = tuner.TuneOptions(device="cpu", in_process=True, budget_ms=2, storage=f"journal:{tmp_path / 'j.log'}",
+                             trials=20, compile_workers=2)
+    storage = tuner.open_storage(opts.storage)
+    study, _ = tuner.search(shape, opts, storage, deadline=time.monotonic() - 1.0, warmer=opts.warmer())
+    ran = {t.user_attrs.get("variant") for t in study.trials if t.state in (COMPLETE, PRUNED)}
+    assert {variant_id(Variant(f)) for f in TIER_ORDER} <= ran
+    assert not ran & {variant_id(v) for v in extra}
+    waiting = {t.user_attrs.get("variant") for t in study.trials if t.user_attrs.get("status") == "deadline"}
+    assert waiting == {variant_id(v) for v in extra}
+    # A resumed search with time to spare runs the seeds that waited.
+    study2, _ = tuner.search(shape, opts, storage, deadline=time.monotonic() + 60, warmer=opts.warmer())
+    ran2 = {t.user_attrs.get("variant") for t in study2.trials if t.state in (COMPLETE, PRUNED)}
+    assert {variant_id(v) for v in extra} <= ran2
 
 
 def test_a_family_far_behind_the_best_gets_no_more_trials():
