@@ -415,6 +415,34 @@ def test_custom_op_compiles_without_graph_break():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_dropout_seed_is_drawn_inside_a_compiled_graph_without_a_break():
+    """The seed is a device tensor drawn by torch.randint, so torch.compile(fullgraph=True) traces the draw and the
+    op together (a host int would need .item(): a graph break), with eager's result under the same manual_seed."""
+    key = params_key(Variant("triton", BLOCK_M=16, BLOCK_N=16))
+
+    def f(q, k, v_):
+        seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=q.device)
+        out, _ = torch.ops.noflash_tune.triton_fwd(q, k, v_, None, 0.25, True, False, key, True, 0.3, seed)
+        return out.float().sum()
+
+    g = torch.Generator().manual_seed(11)
+    q, k, vv = (torch.randn(1, 2, 13, 16, generator=g).to(DEV).requires_grad_() for _ in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(0)
+    loss = compiled(q, k, vv)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, vv)]
+    for t in (q, k, vv):
+        t.grad = None
+    torch.manual_seed(0)
+    eager = f(q, k, vv)
+    eager.backward()
+    assert torch.equal(loss, eager)
+    for a, b in zip(grads, (q.grad, k.grad, vv.grad)):
+        assert torch.equal(a, b)
+
+
 def test_opcheck():
     if not hasattr(torch.library, "opcheck"):
         pytest.skip("torch.library.opcheck needs torch >= 2.4")
@@ -422,7 +450,7 @@ def test_opcheck():
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(1, 2, 9, 16, generator=g).to(DEV).requires_grad_() for _ in range(3))
     m = (torch.rand(1, 1, 1, 9, generator=g) > 0.2).to(DEV).expand(1, 2, 9, 9)
-    for extra in ((), (0.3, 12345678901)):  # without and with dropout (p, seed)
+    for extra in ((), (0.3, torch.tensor([12345678901], device=DEV))):  # without and with dropout (p, seed)
         torch.library.opcheck(torch.ops.noflash_tune.triton_fwd.default,
                               (q, k, v, m, 0.25, False, False, key, True, *extra),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -499,3 +527,36 @@ def test_gpu_the_triton_op_replays_from_a_cuda_graph():
     torch.testing.assert_close(out, run(), atol=0, rtol=0)
     ref = math_attention(q.float(), k.float(), v.float(), causal=True)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_dropout_draws_new_keep_decisions_on_each_cuda_graph_replay():
+    """The seed is drawn on the device inside the captured region, so every replay drops a different set of
+    weights (as native's dropout does under a graph), each one the exact dropout of the same P."""
+    import noflash_tune
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    variant = noflash_tune.Variant("triton", BLOCK_M=64, BLOCK_N=64)
+
+    def run():
+        return noflash_tune.attention(q, k, v, variant=variant, dropout_p=0.5)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    outs = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(out.clone())
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    undropped = noflash_tune.attention(q, k, v, variant=variant).float()
+    mean = torch.stack([o.float() for o in outs]).mean(0)
+    assert (mean - undropped).abs().mean() < (outs[0].float() - undropped).abs().mean()

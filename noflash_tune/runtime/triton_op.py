@@ -6,8 +6,10 @@ Each has a fake (meta) implementation, and the forward op carries its backward t
 
 The ops take only tensors and plain values: the variant's parameters travel as one canonical JSON string
 (``params``), the specialisation as bools; the mask kind and GQA follow from the tensors, dropout from
-``dropout_p > 0``. Dropout's keep decisions come from ``seed`` (drawn from torch's default generator by
-:func:`triton_attention`) and are regenerated in the backward from the same seed. Needs torch >= 2.4.
+``dropout_p > 0``. Dropout's keep decisions come from ``seed``, a one-element int64 tensor that
+:func:`triton_attention` draws on the call's device, and are regenerated in the backward from the same seed. The
+kernels read it on the device, so a CUDA graph replay draws new keep decisions (as native's dropout does) and
+``torch.compile`` traces the draw without a graph break. Needs torch >= 2.4.
 """
 import json
 from functools import lru_cache
@@ -18,7 +20,6 @@ from torch import Tensor
 
 from ..codegen import Specialization, load
 from ..variants import Variant
-from .autograd import draw_seed
 
 __all__ = ["triton_attention", "params_key", "modules"]
 
@@ -33,6 +34,12 @@ def params_key(variant: Variant) -> str:
 @lru_cache(maxsize=256)
 def _variant(params: str) -> Variant:
     return Variant.from_json({"family": "triton", "params": json.loads(params)})
+
+
+def draw_device_seed(device) -> Tensor:
+    """The dropout seed of one call: one int64 from ``device``'s default generator, left on the device (a CUDA
+    graph replays the draw, so each replay has its own keep decisions)."""
+    return torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=device)
 
 
 def _mask_kind(mask: Optional[Tensor]) -> str:
@@ -52,7 +59,7 @@ def modules(params: str, causal: bool, bottom_right: bool, mask_kind: str, gqa: 
 @torch.library.custom_op("noflash_tune::triton_fwd", mutates_args=())
 def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
                bottom_right: bool, params: str, need_lse: bool, dropout_p: float = 0.0,
-               seed: int = 0) -> Tuple[Tensor, Tensor]:
+               seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(out (B,H,L,Ev) in q.dtype, lse (B,H,L) fp32; an empty lse when ``need_lse`` is False). With
     ``dropout_p > 0`` the output is dropped out with the keep decisions of ``seed``; the LSE is the undropped one."""
     fwd, _ = modules(params, causal, bottom_right, _mask_kind(mask), q.shape[1] != k.shape[1], dropout_p > 0)
@@ -63,7 +70,7 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: f
 
 
 @triton_fwd.register_fake
-def _triton_fwd_fake(q, k, v, mask, scale, causal, bottom_right, params, need_lse, dropout_p=0.0, seed=0):
+def _triton_fwd_fake(q, k, v, mask, scale, causal, bottom_right, params, need_lse, dropout_p=0.0, seed=None):
     B, H, L, _ = q.shape
     out = q.new_empty((B, H, L, v.shape[-1]))
     lse = q.new_empty((B, H, L) if need_lse else (0,), dtype=torch.float32)
@@ -73,7 +80,7 @@ def _triton_fwd_fake(q, k, v, mask, scale, causal, bottom_right, params, need_ls
 @torch.library.custom_op("noflash_tune::triton_bwd", mutates_args=())
 def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
                scale: float, causal: bool, bottom_right: bool, params: str, dropout_p: float = 0.0,
-               seed: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+               seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv): dk/dv of K/V's shapes (summed over the query heads of a GQA group). ``dropout_p`` and
     ``seed`` are the forward's, ``out`` its (dropped) output."""
     _, bwd = modules(params, causal, bottom_right, _mask_kind(mask), q.shape[1] != k.shape[1], dropout_p > 0)
@@ -82,21 +89,22 @@ def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Ten
 
 
 @triton_bwd.register_fake
-def _triton_bwd_fake(dout, q, k, v, mask, out, lse, scale, causal, bottom_right, params, dropout_p=0.0, seed=0):
+def _triton_bwd_fake(dout, q, k, v, mask, out, lse, scale, causal, bottom_right, params, dropout_p=0.0,
+                     seed=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, scale, causal, bottom_right, params, need_lse, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, mask, out, lse)
-    ctx.args = (scale, causal, bottom_right, params, need_lse, dropout_p, seed)
+    ctx.save_for_backward(q, k, v, mask, out, lse, seed)
+    ctx.args = (scale, causal, bottom_right, params, need_lse, dropout_p)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, mask, out, lse = ctx.saved_tensors
-    scale, causal, bottom_right, params, need_lse, dropout_p, seed = ctx.args
+    q, k, v, mask, out, lse, seed = ctx.saved_tensors
+    scale, causal, bottom_right, params, need_lse, dropout_p = ctx.args
     if not need_lse:
         raise RuntimeError("noflash_tune::triton_fwd ran with need_lse=False; its output cannot be differentiated")
     dq, dk, dv = torch.ops.noflash_tune.triton_bwd(dout, q, k, v, mask, out, lse, scale, causal, bottom_right,
@@ -113,15 +121,16 @@ def triton_attention(call, variant: Variant, causal_bottom_right: bool = False) 
     """Run ``variant`` (family ``triton``) on a normalised :class:`~noflash_tune.contract.Call`.
 
     Returns the output ``(B, H, L, Ev)`` in q's dtype, connected to autograd when an input requires grad. The
-    caller reshapes it to ``call.out_shape``. Dropout draws its seed from torch's default generator (as the
-    PyTorch tiers do), so ``torch.manual_seed`` makes a call reproducible. A mask that requires grad is not
-    served here (``variants._triton_reasons`` rejects it).
+    caller reshapes it to ``call.out_shape``. Dropout draws its seed from the call device's default generator,
+    so ``torch.manual_seed`` makes a call reproducible. A mask that requires grad is not served here
+    (``variants._triton_reasons`` rejects it).
     """
     if call.mask is not None and call.mask.requires_grad:
         raise NotImplementedError("the triton family does not differentiate the mask (served by the PyTorch tiers)")
     need_lse = call.needs_grad  # the contract decided it: grad mode on and an input requires grad
     dropout_p = float(call.dropout_p)
+    seed = draw_device_seed(call.q.device) if dropout_p > 0 else None
     out, _ = torch.ops.noflash_tune.triton_fwd(call.q, call.k, call.v, call.mask, float(call.scale),
                                                bool(call.causal), bool(causal_bottom_right), params_key(variant),
-                                               need_lse, dropout_p, draw_seed(dropout_p))
+                                               need_lse, dropout_p, seed)
     return out
