@@ -491,7 +491,7 @@ def _batched(study, propose, evaluate, tick, cap_cb: _CandidateCap, remaining: i
     The first batch holds the study's enqueued trials (each family's defaults, then its seeds). Each family's
     defaults run even past the deadline, so a bucket never ends up without a measurement of every family because
     compiling took its share of the budget; the seeds run while the deadline allows, best first (the order they
-    were listed in), and those left are proposed again by a resumed search.
+    were listed in), and a resumed search enqueues those left again.
     """
     defaults = {variant_id(Variant(name)) for name in FAMILIES}
     exhausted, first = False, True
