@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0 triton==3.6.0
 GPU    ?= auto
 SHAPES ?= default
-# On 2 CPU cores the search is capped at 7 minutes (shared between shapes); `make tune TUNE_BUDGET=` lifts it.
+# On 2 CPU cores the search is capped at 7 minutes (shared between shapes); `make tune TUNE_BUDGET=0` lifts it.
 TUNE_BUDGET ?= 420
 TUNE_FLAGS ?= $(if $(TUNE_BUDGET),--time-budget $(TUNE_BUDGET))
 

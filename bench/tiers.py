@@ -38,6 +38,9 @@ SWEEP = [Variant("torch_chunked", block_m=m) for m in (32, 64, 128, 256, 512)] +
 # (whose output is only rows x Ev per head) enough tiles to fill the chip.
 SWEEP_GPU = [Variant("torch_chunked", block_m=m, streams=st) for m in (128, 256, 512, 1024, 2048) for st in (1, 2, 3)] + \
             [Variant("torch_online", block_m=m, block_n=1024) for m in (128, 256)] + [Variant("torch_inplace", block_m=128)]
+# --graph --sweep: the query-chunked tier replayed from a CUDA graph, down to blocks whose scores stay in L2 (the
+# host's per-kernel launch cost, which makes small blocks lose when run eagerly, is gone under a replay).
+SWEEP_GRAPH = [Variant("torch_chunked", block_m=m, streams=st) for m in (64, 128, 256, 512, 1024, 2048) for st in (1, 2)]
 
 
 def noflash_t1():
@@ -48,9 +51,10 @@ def noflash_t1():
     return chunked_sdpa
 
 
-def best_variant(shape: Shape, device: str, progress, task, swept: dict) -> tuple[Variant, str]:
+def best_variant(shape: Shape, device: str, progress, task, swept: dict, graph: bool = False) -> tuple[Variant, str]:
     """The tuned winner if one exists for this bucket, else the fastest of a short sweep measured here (each
-    swept variant's ms lands in ``swept``)."""
+    swept variant's ms lands in ``swept``; with ``graph``, also each chunked block size replayed from a CUDA graph,
+    as ``graph <variant>``)."""
     q, k, v, m = shape.make_inputs(device)
     call = contract.normalize(q, k, v, m, 0.0, shape.causal, None, False)
     cs = dispatch.configs_for(torch.device(device))
@@ -74,6 +78,15 @@ def best_variant(shape: Shape, device: str, progress, task, swept: dict) -> tupl
         swept[str(var)] = ms
         if ms < best_ms:
             best, best_ms = var, ms
+        progress.advance(task, 0)
+    for var in SWEEP_GRAPH if graph and torch.device(device).type == "cuda" else ():
+        if var.params["block_m"] > shape.L or shape.grad:
+            continue
+        try:
+            replay = cuda_graphed(measure.make_runner(var, shape, device))
+            swept[f"graph {var}"] = measure.time_fn(replay, device, 60.0).ms
+        except Exception as exc:  # noqa: BLE001
+            swept[f"graph {var}"] = f"{type(exc).__name__}: {str(exc)[:80]}"
         progress.advance(task, 0)
     return best, "swept here"
 
@@ -158,7 +171,7 @@ def main() -> int:
             q, k, v, _ = shape.make_inputs(dev)
             dout = torch.randn_like(q)
             swept = {"force": args.sweep}
-            var, how = best_variant(shape, dev, progress, task, swept)
+            var, how = best_variant(shape, dev, progress, task, swept, graph=args.graph)
             swept.pop("force")
             ours = measure.make_runner(var, shape, dev)
 

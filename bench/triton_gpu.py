@@ -92,7 +92,7 @@ def variant_of(cfg, compute="input"):
 
 def cfg_str(cfg):
     bm, bn, nw, ns, bd, tma = cfg
-    return f"{bm}x{bn}/w{nw}/s{ns}" + (f"/d{bd}" if bd else "") + ("/tma" if tma else "")
+    return f"{bm}x{bn}/w{nw}/s{ns}" + (f"/d{bd}" if bd else "") + {0: "", 1: "/tma", 2: "/tma-ws"}[tma]
 
 
 def flops(case, kind=None):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import device as devmod, measure
+from . import device as devmod, measure, variants
 from .runtime.fallback import is_oom, workspace_bytes
 from .shapes import Shape
 from .variants import FAMILIES, Variant
@@ -24,19 +24,20 @@ NATIVE = ("cudnn", "flash", "efficient", "math")
 
 
 def bench_shapes(preset: str, device_type: str, native: str, sizes: tuple[int, ...] | None = None,
-                 heads: int | None = None) -> list[Shape]:
-    """``bench`` preset: N sweeps per D and causal (``sizes``, ``heads`` override); others: the tuner's presets."""
+                 heads: int | None = None, head_dims: tuple[int, ...] | None = None) -> list[Shape]:
+    """``bench`` preset: N sweeps per D and causal (``sizes``, ``heads``, ``head_dims`` override); others: the
+    tuner's presets."""
     from .shapes import load_shapes
 
     if preset != "bench":
         return load_shapes(preset, device_type)
     if device_type == "cpu":
-        return [Shape(B=1, H=heads or 8, L=n, E=64, dtype="fp32", causal=c) for c in (False, True)
-                for n in sizes or (512, 1024, 2048)]
+        return [Shape(B=1, H=heads or 8, L=n, E=d, dtype="fp32", causal=c) for d in head_dims or (64,)
+                for c in (False, True) for n in sizes or (512, 1024, 2048)]
     sizes = sizes or (1024, 2048, 4096, 8192, 16384) + ((32768, 65536) if native == "math-only" else ())
     dt = "fp16" if native == "math-only" else "bf16"
     return [Shape(B=max(1, 16384 // n), H=heads or 16, L=n, E=d, dtype=dt, causal=c)
-            for d in (64, 128) for c in (False, True) for n in sizes]
+            for d in head_dims or (64, 128) for c in (False, True) for n in sizes]
 
 
 @dataclass
@@ -80,7 +81,8 @@ def _noflash_t1():
 
 
 def _best_of_family(shape: Shape, device) -> dict[str, Variant]:
-    """Per family: the tuned winner or runner-up of this bucket, else the family default."""
+    """Per family: the tuned winner or runner-up of this bucket, else the family's first seed for this shape (its
+    defaults where it has none)."""
     from .runtime import dispatch
 
     out = {}
@@ -90,11 +92,15 @@ def _best_of_family(shape: Shape, device) -> dict[str, Variant]:
         found = cs.lookup(shape.bucket())
         entry = found[0] if found else None
     tuned = [entry.winner, *[v for v, _ in entry.runners_up]] if entry is not None else []
+    call = shape.planning_call(device)
     for name, fam in FAMILIES.items():
         if fam.kind == "native":
             continue
         pick = next((v for v in tuned if v.family == name), None)
-        out[name] = pick or Variant(name)
+        if pick is None:  # untuned here: the first seed the tuner would measure (on a GPU, better than the defaults)
+            seeds = [v for v in variants.seed_variants(name, call)[1:] if not variants.prune_reason(v, call)]
+            pick = seeds[0] if seeds else Variant(name)
+        out[name] = pick
     return out
 
 
@@ -123,7 +129,7 @@ def _impls(shape: Shape, device, native: str):
             continue
         fn = measure.variant_fn(var)
         impls[label] = lambda q, k, v, m, fn=fn: fn(q, k, v, attn_mask=m, **kw)
-    if dev_type == "cuda":
+    if dev_type == "cuda" and native != "math-only":  # FlexAttention is a fused kernel: not this case's
         flex = _flex(shape)
         if flex is not None:
             impls["FlexAttention"] = lambda q, k, v, m: flex(q, k, v)
@@ -236,7 +242,8 @@ def main(args) -> int:
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
     sizes = tuple(int(n) for n in args.sizes.split(",")) if getattr(args, "sizes", None) else None
-    shapes = bench_shapes(args.shapes, torch.device(dev).type, args.native, sizes, getattr(args, "heads", None))
+    dims = tuple(int(d) for d in args.head_dims.split(",")) if getattr(args, "head_dims", None) else None
+    shapes = bench_shapes(args.shapes, torch.device(dev).type, args.native, sizes, getattr(args, "heads", None), dims)
     if not args.no_grad:
         shapes = shapes + [replace(s, grad=True) for s in shapes if s.L <= 16384]
     out_dir = Path(args.out)

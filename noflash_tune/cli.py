@@ -68,6 +68,11 @@ def _load_shapes(spec: str, dev: str, dtype: str | None):
     return shapes
 
 
+# Without --time-budget a tuning run is given this much per shape: the default preset's 12 GPU shapes then tune in
+# about 8 minutes (each shape's defaults and seed tiles; a resumed run goes on from there).
+DEFAULT_SECONDS_PER_SHAPE = 40
+
+
 def winners_table(entries, title: str) -> Table:
     table = Table(title=title, show_lines=False)
     for col in ("bucket", "winner", "ms", "TFLOP/s", "peak MiB", "native best", "speed-up", "stale"):
@@ -94,7 +99,10 @@ def cmd_tune(args) -> int:
     key = devmod.device_key(dev)
     shapes = _load_shapes(args.shapes, dev, args.dtype)
     cap = _parse_gib(args.vram_cap) or _default_cap(dev)
-    opts = tuner.TuneOptions(device=dev, vram_cap_bytes=cap, trials=args.trials, time_budget_s=args.time_budget,
+    budget = args.time_budget
+    if budget is None:  # a run that ends: DEFAULT_SECONDS_PER_SHAPE each (--time-budget 0: the whole search)
+        budget = DEFAULT_SECONDS_PER_SHAPE * len(shapes)
+    opts = tuner.TuneOptions(device=dev, vram_cap_bytes=cap, trials=args.trials, time_budget_s=budget or None,
                              storage=args.storage, in_process=args.in_process, budget_ms=args.measure_ms,
                              compile_workers=args.compile_workers)
     if args.objective == "synthetic":
@@ -106,7 +114,9 @@ def cmd_tune(args) -> int:
         console.print("[yellow]objective: synthetic[/] (a deterministic cost model; no kernel runs)")
     out_dir = Path(args.out) if args.out else user_config_dir()
     console.print(f"noflash-tune: tuning [bold]{key}[/] ({devmod.device_name(dev)}), {len(shapes)} shapes, "
-                  f"VRAM cap {cap / 2**30:.1f} GiB, storage {opts.storage or tuner.default_storage_url()}")
+                  f"VRAM cap {cap / 2**30:.1f} GiB, "
+                  f"{f'time budget {budget:.0f} s' if budget else 'no time budget'}, "
+                  f"storage {opts.storage or tuner.default_storage_url()}")
     path = out_dir / f"{key}.json"
 
     def write(results):
@@ -315,7 +325,9 @@ def _tune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="override the shapes' dtype")
     p.add_argument("--vram-cap", help="GiB; default 90%% of free device memory (CPU: of available RAM)")
     p.add_argument("--trials", type=int, help="at most this many trials per shape")
-    p.add_argument("--time-budget", type=float, help="seconds for the whole run, shared between shapes")
+    p.add_argument("--time-budget", type=float,
+                   help=f"seconds for the whole run, shared between shapes (default {DEFAULT_SECONDS_PER_SHAPE} a shape; "
+                        "0: no limit, the whole search)")
     p.add_argument("--storage", help="optuna storage: journal:PATH (default, in the user cache dir), "
                                      "sqlite:///…, postgresql://…")
     p.add_argument("--workers", type=int, default=1, help="processes, one per visible GPU")
@@ -377,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-grad", action="store_true", help="forward only")
     sp.add_argument("--sizes", help="the bench preset's sequence lengths, e.g. 1024,4096,16384")
     sp.add_argument("--heads", type=int, help="the bench preset's head count (default: 8 on CPUs, 16 on GPUs)")
+    sp.add_argument("--head-dims", help="the bench preset's head dims, e.g. 64,128 (default: 64 on CPUs, 64,128 on GPUs)")
     sp.add_argument("--from-json", help="re-print the table and redraw the plots from a bench.json (no runs)")
     return p
 

@@ -172,6 +172,16 @@ def shared_memory_limit(index: int = 0) -> int:
         return 101376
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_version() -> tuple[int, int]:
+    try:
+        import triton
+
+        return tuple(int(x) for x in triton.__version__.split(".")[:2])
+    except Exception:  # noqa: BLE001 - no triton: nothing of it runs
+        return (0, 0)
+
+
 def hopper_or_later(dev) -> bool:
     """An NVIDIA GPU of compute capability 9.0 or later (TMA, wgmma)."""
     return torch.version.hip is None and torch.cuda.get_device_capability(dev)[0] >= 9
@@ -199,6 +209,13 @@ def triton_prune_reason(v: "Variant", call: "Call") -> str:
         return "TMA tiles cover the whole head dim: not with split-D"
     if p.get("tma") and call.q.device.type == "cuda" and not hopper_or_later(call.q.device):
         return "TMA (bulk tensor copies) needs a Hopper or later NVIDIA GPU"
+    if p.get("tma") == 2 and call.q.device.type == "cuda" and _triton_version() <= (3, 6):
+        return ("tma=2 (warp-specialised): Triton 3.6's Hopper pass miscompiles this kernel (every such trial failed "
+                "the accuracy check on an H200; bench/NOTES.md)")
+    if p.get("tma") == 2 and p["num_warps"] != 4:
+        return "tma=2 is warp-specialised: Triton's Hopper pass partitions 4 warps (one warpgroup per 64 rows)"
+    if p.get("tma") == 2 and call.mask_kind != "none":
+        return "tma=2's warp-specialised loop does not take a mask (tma=1 reads masked calls through tensor maps)"
     if p["compute"] == "fp16" and call.q.dtype != torch.bfloat16:
         return "fp16 compute is a choice for bf16 input only"
     elt = 4 if call.q.dtype == torch.float32 and p["compute"] == "input" else 2

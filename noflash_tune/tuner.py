@@ -509,8 +509,10 @@ def _batched(study, propose, evaluate, tick, cap_cb: _CandidateCap, remaining: i
             except optuna.TrialPruned:
                 exhausted |= _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                 tick(study, trial)
-        # Defaults first; then what needs no compiling; the pool compiles the rest, which is timed after it.
-        batch.sort(key=lambda tv: (tv[1] not in defaults, tv[1].startswith("triton")))
+        # What needs no compiling first (defaults, then seeds), then the Triton trials: the pool compiles them all
+        # at the first one (the family's defaults first), and they are timed after it, each alone. Warming at the
+        # defaults instead let a grad bucket's compile take its whole share before any tier seed ran.
+        batch.sort(key=lambda tv: (tv[1].startswith("triton"), tv[1] not in defaults))
         warmed = False
         for trial, vid in batch:
             if vid.startswith("triton") and not warmed:

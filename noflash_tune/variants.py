@@ -104,10 +104,11 @@ _register(Family(
     name="torch_chunked",
     kind="torch",
     space={"block_m": POW2_BLOCKS[1:], "compute": COMPUTE_CHOICES, "accumulation": ACCUMULATION_CHOICES,
-           "streams": (1, 2, 3, 4)},
+           "streams": (1, 2, 3, 4), "keep_p": (0, 1)},
     # The fused softmax works in fp32 inside, so P in the compute dtype rounds exactly as an fp32 P cast down.
-    # streams > 1 (GPUs only) overlaps one query block's softmax with another's GEMMs.
-    defaults={"block_m": 256, "compute": "input", "accumulation": "native", "streams": 1},
+    # streams > 1 (GPUs only) overlaps one query block's softmax with another's GEMMs. keep_p=1 keeps the
+    # forward's P for the backward (L x S of memory, one GEMM and two passes a block less); it only matters with grad.
+    defaults={"block_m": 256, "compute": "input", "accumulation": "native", "streams": 1, "keep_p": 0},
     templates=("torch/chunked.py.j2",),
     reasons_fn=_common_torch_reasons,
 ))
@@ -134,8 +135,10 @@ _register(Family(
     kind="triton",
     space={"BLOCK_M": (16, 32, 64, 128, 256), "BLOCK_N": (16, 32, 64, 128, 256), "BLOCK_D": (0, 64, 128, 256),
            "num_warps": (2, 4, 8, 16), "num_stages": (1, 2, 3, 4, 5), "compute": ("input", "fp16"),
-           "accumulation": ("fp32",), "tma": (0, 1)},
-    # tma=1: the forward reads Q/K/V tiles with Hopper's bulk tensor copies (whole-head-dim tiles only).
+           "accumulation": ("fp32",), "tma": (0, 1, 2)},
+    # tma=1: the forward reads Q/K/V tiles with Hopper's bulk tensor copies (whole-head-dim tiles only); tma=2 builds
+    # those tensor maps on the device and warp-specialises its one key loop (producer warps feed two consumer
+    # warpgroups), the form Triton's Hopper pass takes.
     defaults={"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 0, "num_warps": 8, "num_stages": 3, "compute": "input",
               "accumulation": "fp32", "tma": 0},
     templates=("triton/attention_fwd.py.j2", "triton/attention_bwd.py.j2"),
@@ -149,11 +152,13 @@ TIER_ORDER = ("torch_chunked", "torch_online", "torch_inplace")
 # Triton tiles that measured well on an H100 (bench/triton_gpu.py), per head-dim class, as
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D, tma). The tuner measures them right after the family's defaults,
 # then searches the whole space around them; on other GPUs the pruning drops those that cannot fit. The tma=1 tiles
-# measured 4-6% ahead on an H200 for GQA, key-padding masks and D=256, and level or behind elsewhere.
+# measured 4-6% ahead on an H200 for GQA, key-padding masks and D=256, and level or behind elsewhere. The tma=2
+# (warp-specialised) tiles are the configuration that compiles to producer/consumer warps on sm_90
+# (bench/triton_sass.py); Triton 3.6 miscompiles them (wrong outputs on an H200), so they are pruned there.
 TRITON_SEEDS_FWD = {
     "small": ((128, 128, 8, 3, 0, 0), (128, 64, 8, 3, 0, 0), (128, 128, 8, 2, 0, 0), (128, 64, 8, 4, 0, 0),
               (256, 64, 16, 3, 0, 0), (64, 64, 4, 4, 0, 0), (128, 64, 4, 3, 0, 0), (128, 128, 8, 3, 0, 1),
-              (128, 64, 4, 3, 0, 1)),
+              (128, 64, 4, 3, 0, 1), (128, 128, 4, 2, 0, 2), (128, 64, 4, 2, 0, 2)),
     "d256": ((128, 64, 8, 2, 0, 0), (64, 64, 4, 3, 0, 0), (128, 32, 8, 3, 0, 0), (64, 128, 8, 2, 0, 0),
              (64, 32, 4, 3, 0, 0), (128, 64, 8, 2, 0, 1)),
     "split": ((64, 32, 8, 2, 128, 0), (64, 32, 8, 2, 256, 0), (64, 16, 8, 3, 128, 0), (64, 64, 8, 1, 128, 0),
@@ -192,6 +197,8 @@ def seed_variants(family: str, call: "Call") -> list["Variant"]:
         out += [Variant(family, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
                 for bm, bn, nw, ns, bd, tma in triton_seed_tiles(max(call.E, call.Ev), call.needs_grad)]
     elif family == "torch_chunked" and call.q.device.type == "cuda":
+        if call.needs_grad:  # the forward's P kept for the backward: one GEMM and two passes a block less
+            out += [Variant(family, block_m=bm, streams=st, keep_p=1) for bm, st in CHUNKED_SEEDS_GPU[:2]]
         out += [Variant(family, block_m=bm, streams=st) for bm, st in CHUNKED_SEEDS_GPU]
     return list(dict.fromkeys(out))
 
@@ -327,6 +334,10 @@ def prune_reason(v: Variant, call: "Call") -> str:
                 return "streams > 1 needs a CUDA/ROCm device"
             if p["streams"] > -(-L // bm):
                 return f"streams={p['streams']} exceeds the {-(-L // bm)} query blocks"
+        if p.get("keep_p") and not call.needs_grad:
+            return "keep_p=1 only changes a call that needs grad (the same forward otherwise)"
+        if p.get("keep_p") and call.dropout_p > 0:
+            return "keep_p=1 is not rendered with dropout (the backward needs the undropped P)"
         comp = p["compute"]
         if comp != "input" and dtype_from_name(comp) == dt:
             return "compute equals the input dtype (same as 'input')"

@@ -69,6 +69,8 @@ def test_tune_smoke_writes_this_device_config_and_prints_the_winners(tuned):
     assert f"tuning {KEY}" in out
     assert "tuned winners on" in out and "written to" in out
     assert "trials: complete" in out
+    # No --time-budget given: the run is bounded all the same, 40 s a shape, and says so.
+    assert f"time budget {40 * len(SMOKE_KEYS)} s" in out
     for e in cfg.entries.values():
         assert e.ms > 0
         assert e.bucket.key in out
@@ -155,7 +157,7 @@ def _fake_times(monkeypatch, times: dict):
 
 def test_verify_verdicts_follow_the_measurements(tmp_path, monkeypatch):
     winner, runner_up = "torch_online(accumulation=fp32, block_m=64, block_n=64, compute=input)", \
-        "torch_chunked(accumulation=native, block_m=64, compute=input, streams=1)"
+        "torch_chunked(accumulation=native, block_m=64, compute=input, keep_p=0, streams=1)"
     argv = ["verify", None, "--gpu", "cpu", "--in-process"]
 
     # Native was faster when tuned and still is: the runtime serves native; nothing changed, nothing flagged.

@@ -304,6 +304,40 @@ def test_chunked_gradients_under_the_2x_rule(dtype, accumulation, case):
     assert set(acc.rows) == {"out", "dq", "dk", "dv"} | ({"dmask"} if spec["mask"] == "float" else set())
 
 
+@pytest.mark.parametrize("dtype,accumulation", [(torch.float32, "native"), (torch.bfloat16, "fp32"),
+                                                (torch.bfloat16, "native")], ids=["fp32", "bf16-fp32acc", "bf16"])
+@pytest.mark.parametrize("case", list(CHUNKED_GRAD_CASES))
+def test_chunked_keep_p_gives_the_recomputed_gradients_bit_for_bit(dtype, accumulation, case):
+    """keep_p=1 reads the forward's P in the backward instead of recomputing it; the forward's code computed both,
+    so output and every gradient equal keep_p=0's exactly (GQA, Ev != E, causal L != S, masks, a dead row, several
+    blocks and a ragged last one)."""
+    gen = torch.Generator().manual_seed(6)
+    B, Hkv, G, L, S, E, Ev = 2, 2, 3, 77, 93, 40, 24
+    spec = CHUNKED_GRAD_CASES[case]
+    base = [torch.randn(B, Hkv * G, L, E, generator=gen), torch.randn(B, Hkv, S, E, generator=gen),
+            torch.randn(B, Hkv, S, Ev, generator=gen)]
+    m = None
+    if spec["mask"] == "bool":
+        m = torch.rand(L, S, generator=gen) > 0.3
+        m[5] = False
+    elif spec["mask"] == "float":
+        m = torch.randn(B, 1, L, S, generator=gen).masked_fill(torch.rand(B, 1, L, S, generator=gen) < 0.2,
+                                                                float("-inf")).to(dtype)
+    dout = torch.randn(B, Hkv * G, L, Ev, generator=gen).to(dtype)
+    results = []
+    for keep in (0, 1):
+        leaves = [t.to(dtype).requires_grad_(True) for t in base]
+        mm = m.clone().requires_grad_(True) if m is not None and m.dtype != torch.bool else m
+        out = noflash_tune.attention(*leaves, variant=Variant("torch_chunked", block_m=32, accumulation=accumulation,
+                                                              keep_p=keep),
+                                     attn_mask=mm, is_causal=spec["causal"], enable_gqa=True)
+        out.backward(dout)
+        results.append([out.detach()] + [t.grad for t in leaves] + ([mm.grad] if mm is not None and
+                                                                    mm.dtype != torch.bool else []))
+    for got, want in zip(*results[::-1]):
+        assert torch.equal(got, want)
+
+
 def _dropped_math(q, k, v, keep, p, mask, causal, dtype, order):
     """Attention with a given keep-mask, in ``dtype``: softmax(s) * keep / (1 - p) @ v (the math path's dropout)."""
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

@@ -193,6 +193,29 @@ def test_untuned_calls_pass_through_pinned_to_the_native_backend_fastest_in_this
     assert plan.variant is None or plan.variant.kind != "native"
 
 
+def test_the_preferred_native_backend_is_voted_by_the_buckets_nearest_in_head_dim():
+    """Three D=512 buckets (where cuDNN cannot run, efficient won) must not outvote the D=64 bucket's cuDNN for
+    an untuned D=64 call; a D=512 call takes the D=512 buckets' vote."""
+    def entry(E, backend, causal=False):
+        sh = Shape(B=1, H=4, L=256, E=E, dtype="bf16", causal=causal)
+        return configs.Entry(bucket=sh.bucket(), shape=sh, winner=TUNED, ms=2.0, tflops=1.0, peak_mib=3.0,
+                             runners_up=[], native=(backend, 1.0),
+                             trials={"complete": 1, "pruned_cap": 0, "pruned_accuracy": 0, "failed": 0})
+
+    class Recorded:
+        entries = [entry(512, "efficient"), entry(512, "efficient", True), entry(512, "efficient"),
+                   entry(64, "cudnn")]
+
+    usable = ["cudnn", "flash", "efficient"]
+    d64 = Shape(B=1, H=4, L=1024, E=64, dtype="bf16", causal=True).bucket()
+    d96 = Shape(B=1, H=4, L=1024, E=96, dtype="bf16").bucket()
+    d512 = Shape(B=1, H=4, L=1024, E=512, dtype="bf16").bucket()
+    assert dispatch._preferred_native(Recorded, usable, d64) == ("cudnn", 1)
+    assert dispatch._preferred_native(Recorded, usable, d96) == ("cudnn", 1)  # log2 distance: 64 is nearer
+    assert dispatch._preferred_native(Recorded, usable, d512) == ("efficient", 3)
+    assert dispatch._preferred_native(Recorded, ["flash", "efficient"], d64) == ("efficient", 3)
+
+
 def test_a_native_time_measured_on_a_backend_this_call_cannot_use_is_ignored(rt, tmp_path):
     """The bucket's native time came from CPU flash; with dropout, flash refuses the call and native would run
     its math path, so the tuned variant serves it."""
@@ -360,6 +383,15 @@ def test_real_oom_walks_the_chain_halved_blocks_then_tiers_in_order(rt):
     assert online[0] == (256, 512)
     assert online[-1] == (32, 64)
     assert len(set(online)) == len(online)
+
+
+def test_the_oom_chain_first_drops_a_kept_p_then_halves_blocks():
+    q, k, v = qkv(L=512)
+    call = noflash_tune.contract.normalize(q.requires_grad_(True), k, v)
+    chain = fallback.chain_for(Variant("torch_chunked", block_m=256, keep_p=1), call)
+    chunked = [(x.params["block_m"], x.params["keep_p"]) for x in chain if x.family == "torch_chunked"]
+    assert chunked[:3] == [(256, 1), (256, 0), (128, 0)]  # the kept P is the largest saving, and costs no block
+    assert fallback.workspace_bytes(chain[0], call) > fallback.workspace_bytes(chain[1], call)
 
 
 def test_a_non_oom_error_is_raised_not_swallowed_by_the_chain(rt):

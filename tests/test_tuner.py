@@ -239,8 +239,10 @@ def test_a_killed_run_resumes_without_losing_or_repeating_trials(tmp_path):
     env = dict(os.environ, NOFLASH_TUNE_CACHE_DIR=str(tmp_path / "cache"), NOFLASH_TUNE_USER_DIR=str(tmp_path / "u"),
                PYTHONPATH=str(REPO), COLUMNS="160")
     env.pop("NOFLASH_TUNE_CONFIGS", None)
+    # 60 ms a trial: a window wide enough that the poll below sees a trial running (at 5 ms the whole 14-trial
+    # run could end between two polls on a busy machine).
     args = ["--gpu", "cpu", "--shapes", str(shape_file), "--storage", storage, "--out", str(out),
-            "--measure-ms", "5"]
+            "--measure-ms", "60"]
 
     proc = _cli(args, env)
     try:

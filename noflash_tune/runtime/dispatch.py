@@ -6,6 +6,7 @@ the call's bucket and a few flags, so it is cached per key and a call costs a di
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import warnings
@@ -139,17 +140,28 @@ def _best_of_ours(entry, call) -> Variant | None:
     return None
 
 
-def _preferred_native(cs, usable: list[str]) -> tuple[str, int] | None:
+def _preferred_native(cs, usable: list[str], bucket: Bucket) -> tuple[str, int] | None:
     """The fused native backend that measured fastest in the most tuned buckets of this device, among ``usable``
-    (native's own priority order does not always put this device's fastest first), with that count."""
+    (native's own priority order does not always put this device's fastest first), with that count.
+
+    Only the buckets nearest in kind vote: the call's dtype first, then the nearest head dims (a D=512 bucket,
+    where cuDNN cannot run, says nothing about D=64)."""
     if cs is None:
         return None
-    wins: dict[str, int] = {}
-    for e in cs.entries:
-        if e.native is not None and e.native[0] in usable:
-            wins[e.native[0]] = wins.get(e.native[0], 0) + 1
-    if not wins:
+    voters = [e for e in cs.entries if e.native is not None and e.native[0] in usable]
+    if not voters:
         return None
+
+    def kinship(e) -> tuple:
+        b = e.bucket
+        return (b.dtype != bucket.dtype, abs(math.log2(b.head_dim) - math.log2(bucket.head_dim))
+                + abs(math.log2(b.head_dim_v) - math.log2(bucket.head_dim_v)))
+
+    nearest = min(kinship(e) for e in voters)
+    wins: dict[str, int] = {}
+    for e in voters:
+        if kinship(e) == nearest:
+            wins[e.native[0]] = wins.get(e.native[0], 0) + 1
     best = max(wins, key=lambda b: (wins[b], -usable.index(b)))
     return best, wins[best]
 
@@ -216,7 +228,7 @@ def build_plan(call: contract.Call) -> Plan:
     if native_fused:
         why = (f"native has a fused kernel ({', '.join(native_fused)}) and no measurement here says noflash-tune "
                "is faster")
-        preferred = _preferred_native(cs, native_fused)
+        preferred = _preferred_native(cs, native_fused, bucket)
         if preferred is not None:
             why += f"; {preferred[0]} was the fastest native backend in {preferred[1]} tuned buckets of this device"
         return native("native", why, backend=preferred[0] if preferred else None)

@@ -66,6 +66,8 @@ def workspace_bytes(variant: Variant, call) -> int:
         ws += B * call.Hkv * S * (E + Ev) * _elt(cdt)
     if call.needs_grad:
         ws += 4 * per_block + B * call.Hkv * S * (E + Ev) * 4 + B * H * L * (E + Ev) * 4
+        if p.get("keep_p") and call.dropout_p == 0:  # every block's P, kept from the forward
+            ws += B * H * L * S * acc // (2 if call.causal else 1)
     return out + ws
 
 
@@ -83,11 +85,15 @@ def run_variant(variant: Variant, call) -> torch.Tensor:
 
 
 def halvings(variant: Variant, call) -> list[Variant]:
-    """The same family with its row block halved (then its key block), down to 32 rows / 64 keys."""
+    """The same family with less memory: first without the kept P (keep_p=0 recomputes it, the largest saving),
+    then its row block halved (then its key block), down to 32 rows / 64 keys."""
     out = []
     if variant.kind != "torch":
         return out
     v = variant
+    if v.params.get("keep_p"):
+        v = v.replace(keep_p=0)
+        out.append(v)
     while True:
         p = v.params
         if p["block_m"] > 32:

@@ -1,0 +1,168 @@
+"""Compile a Triton variant of ours for an NVIDIA target on any machine (no GPU needed) and read its machine code.
+
+    python bench/triton_sass.py --arch 90 -D 128 -L 4096 --tile 128,128,8,3,0,0
+    python bench/triton_sass.py --arch 90 -D 128 --tile 128,128,8,3,0,1 --causal --sass out.sass
+
+What bench/NOTES.md asks of a kernel that misses its target: does the disassembly show HGMMA (Hopper's warpgroup
+MMA), are the global loads 16 bytes wide (LDG.E.128) or bulk tensor copies (UTMALDG), how many registers and how
+much shared memory a program takes (hence how many programs an SM holds), and whether a loop was warp-specialised.
+The rendered module's launch is captured on CPU tensors of the shape, and the captured arguments become the
+compile signature: the kernel compiled is the one the GPU would run for that call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from noflash_tune import codegen, contract  # noqa: E402
+from noflash_tune.shapes import Shape  # noqa: E402
+from noflash_tune.variants import Variant  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("bench/triton_sass.py compiles real kernels: run it without TRITON_INTERPRET=1")
+
+class Capture:
+    """Stands in for a JIT function's ``kernel[grid]``: records the launch instead of running it."""
+
+    def __init__(self, fn):
+        self.fn, self.launch = fn, None
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.launch = (grid, args, kwargs)
+        return record
+
+
+def compile_variant(variant: Variant, shape: Shape, arch: int, template: int = 0):
+    """The variant's forward kernel as Triton compiles it for this shape on ``arch``: the launch's arguments go
+    through Triton's own binder (its specialisation: 16-byte alignment, divisibility of ints), as on a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    q, k, v, mask = shape.make_inputs("cpu")
+    call = contract.normalize(q, k, v, mask, 0.0, shape.causal, None, shape.gqa > 1)
+    mod = codegen.load(variant, codegen.Specialization.of(call), template)
+    kernel = mod._attn_fwd
+    cap = Capture(kernel)
+    mod._attn_fwd = cap
+    interp = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # the host code's TMA check passes CPU tensors only under the interpreter
+    try:
+        mod.forward(call.q, call.k, call.v, call.mask, call.scale, 0.0, 0, True)
+    finally:
+        mod._attn_fwd = kernel
+        if interp is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = interp
+    grid, args, kwargs = cap.launch
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__), grid, options.__dict__
+
+
+def sass_of(compiled) -> str:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    cubin = Path("/dev/shm" if Path("/dev/shm").is_dir() else ".") / "noflash-tune-kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    try:
+        return subprocess.run([str(tool), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    finally:
+        cubin.unlink(missing_ok=True)
+
+
+def registers_of(compiled) -> int | None:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    cubin = Path("/dev/shm" if Path("/dev/shm").is_dir() else ".") / "noflash-tune-kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    try:
+        out = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    finally:
+        cubin.unlink(missing_ok=True)
+    m = re.search(r"REG:(\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+def report(compiled, options, sass: str) -> dict:
+    md = compiled.metadata
+    regs = registers_of(compiled)
+    ttgir = compiled.asm.get("ttgir", "")
+    warps = getattr(md, "num_warps", None) or options.get("num_warps", 4)  # warp-specialised: every partition's
+    count = lambda pat: len(re.findall(pat, sass))  # noqa: E731
+    out = {
+        "registers/thread": regs,
+        "local ld/st (spills)": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        "shared KiB": round(md.shared / 1024, 1),
+        "warps": warps,
+        "HGMMA": count(r"\bHGMMA\."),
+        "HMMA": count(r"\bHMMA\."),
+        "LDG.128": count(r"\bLDG\.E\.128"),
+        "LDG narrower": count(r"\bLDG\.E(?:\.64|\.U8|\.U16|\.S8|\.S16)?\s"),
+        "LDGSTS.128": count(r"\bLDGSTS\.[A-Z0-9.]*128\b"),
+        "UTMALDG": count(r"\bUTMALDG\b"),
+        "warp-specialised": "ttg.warp_specialize" in ttgir,
+    }
+    # Occupancy by the two limits that bind for these kernels (228 KiB shared, 64K registers per SM on Hopper).
+    if regs:
+        by_regs = 65536 // max(1, regs * 32 * warps)
+        by_smem = (228 * 1024) // max(1, md.shared) if md.shared else 32
+        out["programs/SM"] = min(by_regs, by_smem)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
+    ap.add_argument("-B", type=int, default=1)
+    ap.add_argument("-H", type=int, default=2)
+    ap.add_argument("--kv-heads", type=int, default=0)
+    ap.add_argument("-L", type=int, default=4096)
+    ap.add_argument("-D", type=int, default=128)
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--mask", default="none", choices=("none", "bool", "float"))
+    ap.add_argument("--tile", action="append", required=True,
+                    help="BLOCK_M,BLOCK_N,num_warps,num_stages,BLOCK_D,tma (repeatable)")
+    ap.add_argument("--sass", help="write the disassembly of the last tile here")
+    ap.add_argument("--json", action="store_true", help="one JSON object per tile instead of a line of text")
+    args = ap.parse_args()
+    shape = Shape(B=args.B, H=args.H, Hkv=args.kv_heads, L=args.L, E=args.D, dtype=args.dtype, causal=args.causal,
+                  mask=args.mask)
+    for tile in args.tile:
+        bm, bn, nw, ns, bd, tma = (int(x) for x in tile.split(","))
+        var = Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
+        try:
+            compiled, grid, options = compile_variant(var, shape, args.arch)
+        except Exception as exc:  # noqa: BLE001 - a tile that does not compile is a result
+            why = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(json.dumps({"tile": tile, "error": why}) if args.json else f"{tile}: does not compile: {why}")
+            continue
+        sass = sass_of(compiled)
+        rep = report(compiled, options, sass)
+        print(json.dumps({"tile": tile, **rep}) if args.json else
+              f"{shape.label()} tile {tile} grid {grid}: " + ", ".join(f"{k} {v}" for k, v in rep.items()))
+        if args.sass:
+            Path(args.sass).write_text(sass)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
