@@ -263,7 +263,7 @@ def cmd_doctor(args) -> int:
     """The device, its native backends, the config files found (and whether stale), and typical plans."""
     import torch
 
-    from . import __version__, device as devmod, explain
+    from . import __version__, configs, device as devmod, explain
     from .configs import load_for_device
     from .shapes import Shape
 
@@ -286,7 +286,12 @@ def cmd_doctor(args) -> int:
     for path in cs.files:
         n = sum(1 for e in cs.entries if e.source == path)
         stale = sum(1 for e in cs.entries if e.source == path and e.stale)
-        console.print(f"         {path}: {n} entries" + (f", [yellow]{stale} stale[/]" if stale else ""))
+        try:  # a file earlier in the search order takes the buckets both hold: say so, not "0 entries"
+            held = len(configs.load_file(path).entries)
+        except Exception:  # noqa: BLE001 - it loaded a moment ago; a race with a writer only loses this count
+            held = n
+        shadowed = f", {held - n} shadowed by a file searched earlier" if held > n else ""
+        console.print(f"         {path}: {n} entries in use{shadowed}" + (f", [yellow]{stale} stale[/]" if stale else ""))
     for path, why in cs.skipped:
         console.print(f"         [red]skipped[/] {path}: {why}")
     if not cs.files:

@@ -165,8 +165,10 @@ class Shape:
         v = rnd(self.B, self.Hkv, self.S, self.Ev)
         mask = None
         if self.mask != "none":
-            # Key padding: each batch row keeps a random prefix of at least half of the keys.
-            keep = torch.randint(max(1, self.S // 2), self.S + 1, (self.B,), generator=g)
+            # Key padding, the same for every run: batch row b keeps its first S - b*S/(2B) keys (all of them in
+            # row 0, down to just over half). A kernel that skips padded blocks wins more the more is padded, so
+            # the tuner and the benchmarks (bench/triton_gpu.py) must see one padding, not each their own.
+            keep = torch.tensor([max(1, self.S - b * self.S // (2 * self.B)) for b in range(self.B)])
             bool_mask = (torch.arange(self.S)[None, :] < keep[:, None]).view(self.B, 1, 1, self.S).to(device)
             if self.mask == "bool":
                 mask = bool_mask

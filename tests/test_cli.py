@@ -228,3 +228,22 @@ def test_doctor_reports_device_backends_configs_and_plans(capsys):
     for name in ("LLM prefill", "LLM decode", "diffusion", "padded batch", "large head dim", "training"):
         assert name in out
     assert "[native]" in out or "[tuned]" in out or "[default]" in out
+
+
+def test_doctor_counts_the_entries_a_file_searched_earlier_takes_over(tmp_path, monkeypatch, capsys):
+    """Two config dirs holding the same bucket: the first searched serves it, and doctor says the second's entry is
+    shadowed rather than reporting that file empty."""
+    from noflash_tune import cli
+    from noflash_tune.runtime import clear_cache
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for d in (first, second):
+        d.mkdir()
+        _one_entry_file(d, ours_ms=1.0, native_ms=2.0).rename(d / f"{KEY}.json")
+    monkeypatch.setenv("NOFLASH_TUNE_CONFIGS", f"{first}{os.pathsep}{second}")
+    clear_cache()
+    assert cli.main(["doctor", "--gpu", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # a long tmp path may wrap the line
+    assert f"{first / (KEY + '.json')}: 1 entries in use" in out
+    assert f"{second / (KEY + '.json')}: 0 entries in use, 1 shadowed by a file searched earlier" in out
+    clear_cache()

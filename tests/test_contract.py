@@ -273,18 +273,13 @@ CHUNKED_GRAD_CASES = {  # B=2, Hkv=2, 3 heads per kv head, L=77, S=93, E=40, Ev=
 }
 
 
-@pytest.mark.parametrize("dtype,accumulation", [(torch.float32, "native"), (torch.bfloat16, "fp32"),
-                                                (torch.bfloat16, "native")], ids=["fp32", "bf16-fp32acc", "bf16"])
-@pytest.mark.parametrize("case", list(CHUNKED_GRAD_CASES))
-def test_chunked_gradients_under_the_2x_rule(dtype, accumulation, case):
-    """Every gradient of the query-chunked tier (dq, dk, dv and a float mask's) meets the 2x rule in fp32 and bf16,
-    with GQA, Ev != E, causal with L != S, broadcast masks and a fully masked row."""
-    gen = torch.Generator().manual_seed(5)
+def _chunked_grad_inputs(spec: dict, dtype, seed: int):
+    """q, k, v (GQA 3, Ev != E, odd L and S) and the case's mask in ``dtype``, with a fully masked row (5)."""
+    gen = torch.Generator().manual_seed(seed)
     B, Hkv, G, L, S, E, Ev = 2, 2, 3, 77, 93, 40, 24
     q = torch.randn(B, Hkv * G, L, E, generator=gen).to(dtype)
     k = torch.randn(B, Hkv, S, E, generator=gen).to(dtype)
     v = torch.randn(B, Hkv, S, Ev, generator=gen).to(dtype)
-    spec = CHUNKED_GRAD_CASES[case]
     m = None
     if spec["mask"] == "bool":
         m = torch.rand(L, S, generator=gen) > 0.3
@@ -293,7 +288,20 @@ def test_chunked_gradients_under_the_2x_rule(dtype, accumulation, case):
         m = torch.randn(B, 1, L, S, generator=gen).masked_fill(torch.rand(B, 1, L, S, generator=gen) < 0.2,
                                                                 float("-inf"))
         m[:, :, 5] = float("-inf")
-        m = m.to(dtype).requires_grad_(True)
+        m = m.to(dtype)
+    return q, k, v, m
+
+
+@pytest.mark.parametrize("dtype,accumulation", [(torch.float32, "native"), (torch.bfloat16, "fp32"),
+                                                (torch.bfloat16, "native")], ids=["fp32", "bf16-fp32acc", "bf16"])
+@pytest.mark.parametrize("case", list(CHUNKED_GRAD_CASES))
+def test_chunked_gradients_under_the_2x_rule(dtype, accumulation, case):
+    """Every gradient of the query-chunked tier (dq, dk, dv and a float mask's) meets the 2x rule in fp32 and bf16,
+    with GQA, Ev != E, causal with L != S, broadcast masks and a fully masked row."""
+    spec = CHUNKED_GRAD_CASES[case]
+    q, k, v, m = _chunked_grad_inputs(spec, dtype, seed=5)
+    if m is not None and m.dtype != torch.bool:
+        m.requires_grad_(True)
     variant = Variant("torch_chunked", block_m=32, accumulation=accumulation)
 
     def run(q, k, v, **kw):
@@ -311,22 +319,12 @@ def test_chunked_keep_p_gives_the_recomputed_gradients_bit_for_bit(dtype, accumu
     """keep_p=1 reads the forward's P in the backward instead of recomputing it; the forward's code computed both,
     so output and every gradient equal keep_p=0's exactly (GQA, Ev != E, causal L != S, masks, a dead row, several
     blocks and a ragged last one)."""
-    gen = torch.Generator().manual_seed(6)
-    B, Hkv, G, L, S, E, Ev = 2, 2, 3, 77, 93, 40, 24
     spec = CHUNKED_GRAD_CASES[case]
-    base = [torch.randn(B, Hkv * G, L, E, generator=gen), torch.randn(B, Hkv, S, E, generator=gen),
-            torch.randn(B, Hkv, S, Ev, generator=gen)]
-    m = None
-    if spec["mask"] == "bool":
-        m = torch.rand(L, S, generator=gen) > 0.3
-        m[5] = False
-    elif spec["mask"] == "float":
-        m = torch.randn(B, 1, L, S, generator=gen).masked_fill(torch.rand(B, 1, L, S, generator=gen) < 0.2,
-                                                                float("-inf")).to(dtype)
-    dout = torch.randn(B, Hkv * G, L, Ev, generator=gen).to(dtype)
+    *base, m = _chunked_grad_inputs(spec, dtype, seed=6)
+    dout = torch.randn(base[0].shape[:-1] + base[2].shape[-1:], generator=torch.Generator().manual_seed(7)).to(dtype)
     results = []
     for keep in (0, 1):
-        leaves = [t.to(dtype).requires_grad_(True) for t in base]
+        leaves = [t.detach().clone().requires_grad_(True) for t in base]
         mm = m.clone().requires_grad_(True) if m is not None and m.dtype != torch.bool else m
         out = noflash_tune.attention(*leaves, variant=Variant("torch_chunked", block_m=32, accumulation=accumulation,
                                                               keep_p=keep),
