@@ -613,6 +613,17 @@ def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidate
     return BucketResult(shape=shape, entry=entry, counts=counts)
 
 
+def budget_weight(shape: Shape) -> float:
+    """A shape's part of a run's time budget, relative to a forward shape's 1. A forward+backward shape compiles
+    and times two or three kernels a trial (on the H200 its Triton defaults alone took a 40 s share: its seeds
+    never ran), and a decode shape's trials are a few short launches."""
+    if shape.grad:
+        return 2.0
+    if shape.L <= 16:
+        return 0.5
+    return 1.0
+
+
 def tune(shapes: list[Shape], opts: TuneOptions, console=None,
          on_result: Callable[[BucketResult], None] | None = None) -> list[BucketResult]:
     """Search and crown every shape (a rich progress bar per shape); returns the results in shape order.
@@ -638,7 +649,8 @@ def tune(shapes: list[Shape], opts: TuneOptions, console=None,
                 share = None
                 if deadline is not None:
                     left = deadline - time.monotonic()
-                    share = time.monotonic() + max(1.0, left / (len(shapes) - i))
+                    weights = [budget_weight(s) for s in shapes[i:]]
+                    share = time.monotonic() + max(1.0, left * weights[0] / sum(weights))
                 study, cands = search(shape, opts, storage, progress, task, share, runner=runner, warmer=warmer)
                 wait_for_others(study, opts.trial_timeout_s)  # other processes on this study: their last trials
                 res = crown(study, shape, opts, cands, runner=runner)

@@ -107,6 +107,30 @@ def test_tpe_search_times_each_native_once_starts_from_the_defaults_and_resumes(
     assert len(study2.trials) == len(study.trials)
 
 
+def test_a_run_budget_gives_forward_backward_shapes_twice_a_forward_share_and_decode_half(tmp_path, monkeypatch):
+    """The run's --time-budget is split by weight over the shapes still to tune: a fwd+bwd shape gets twice a
+    forward shape's share (its trials compile and time more kernels), a decode shape half."""
+    fwd, grad, decode = Shape(B=1, H=2, L=128, E=32), Shape(B=1, H=2, L=128, E=32, grad=True), \
+        Shape(B=1, H=2, L=1, S=128, E=32)
+    shares = []
+
+    def search(shape, opts, storage, progress=None, task=None, deadline=None, **kw):
+        shares.append(deadline - time.monotonic())
+        return None, None
+
+    monkeypatch.setattr(tuner, "search", search)
+    monkeypatch.setattr(tuner, "wait_for_others", lambda study, timeout: 0)
+    monkeypatch.setattr(tuner, "crown", lambda study, shape, opts, cands, runner=None: tuner.BucketResult(
+        shape=shape, entry=None, counts={}))
+    opts = tuner.TuneOptions(device="cpu", in_process=True, storage=f"journal:{tmp_path / 'j.log'}",
+                             time_budget_s=350.0)
+    tuner.tune([fwd, grad, decode], opts)
+    # 350 s over weights 1 + 2 + 0.5: 100 s; then (about) 350 s over 2 + 0.5: 280 s; then what is left.
+    assert shares[0] == pytest.approx(100, abs=2)
+    assert shares[1] == pytest.approx(280, abs=3)
+    assert shares[2] == pytest.approx(350, abs=3)
+
+
 def test_batched_first_batch_runs_every_default_but_only_the_seeds_the_deadline_allows(tmp_path, monkeypatch):
     """Past the bucket's deadline the enqueued seeds wait for a resumed search; each family's defaults still run,
     so no family goes unmeasured."""
