@@ -207,3 +207,34 @@ def test_synthetic_results_stay_out_of_the_default_storage_and_config_dir(tmp_pa
                            "--objective", "synthetic", "--out", str(tmp_path)], env=_env(tmp_path, "refuse"),
                           cwd=str(REPO), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--objective synthetic needs --storage" in proc.stderr + proc.stdout
+
+
+def test_the_workers_scaling_bench_runs_both_cold_and_compares_winners(tmp_path):
+    """bench/workers_scaling.py (the 4-GPU run's script) on this CPU with the stand-in objective: two cold runs,
+    --workers 1 and 2, each in its own storage; it reports both wall times and that every bucket agrees."""
+    out = tmp_path / "scaling"
+    env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
+    env.pop("NOFLASH_TUNE_CONFIGS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "workers_scaling.py"), "--gpu", "cpu", "--shapes",
+                           "smoke", "--workers", "2", "--objective", "synthetic", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / "workers_scaling.json").read_text())
+    assert [r["workers"] for r in summary["runs"]] == [1, 2]
+    assert summary["runs"][0]["storage"] != summary["runs"][1]["storage"]  # cold: nothing shared between runs
+    assert summary["buckets"] == 2 and summary["agree"] == 2
+    assert all(r["trials"] > 0 and r["wall_s"] > 0 for r in summary["runs"])
+    assert "winners agree in 2 of 2 buckets" in proc.stdout
+
+
+def test_workers_scaling_agreement_is_the_same_family_within_the_tolerance():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("workers_scaling", REPO / "bench" / "workers_scaling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    one = {"a": ("triton", 1.00, "v"), "b": ("triton", 1.00, "v"), "c": ("torch_chunked", 1.0, "v"),
+           "d": ("triton", 1.0, "v")}
+    many = {"a": ("triton", 1.04, "w"), "b": ("triton", 1.06, "v"), "c": ("triton", 1.0, "v")}
+    verdicts = {r["bucket"]: r["agree"] for r in mod.compare(one, many, 0.05)}
+    assert verdicts == {"a": True, "b": False, "c": False, "d": False}  # d: missing from the second run
