@@ -5,10 +5,9 @@
     python bench/workers_scaling.py --gpu cpu --shapes smoke --workers 2 --objective synthetic   # the logic, on a CPU
 
 Each run starts cold: its own storage (a fresh journal file, or a fresh database name on the given PostgreSQL
-server), its own out dir, its own Triton and kernel caches. The same time budget is given to both (the
-default one unless --time-budget), so the speed-up is in what each run measured within it: trials timed per
-second of wall time, and wall time itself. Agreement, per bucket: the same family wins, and the winners' times
-are within --tolerance (5%). NVLink multicast is kept off: the runs need no collective communication. The
+server), its own out dir, its own Triton and kernel caches. Both do the same work: --trials per shape (48) and
+no time budget (--time-budget 0), so the wall-time ratio is the speed-up; trials timed per second are reported
+too. Agreement, per bucket: the same family wins, and the winners' times are within --tolerance (5%). NVLink multicast is kept off: the runs need no collective communication. The
 table is printed last; --out also gets every run's log and config.
 """
 from __future__ import annotations
@@ -41,8 +40,7 @@ def run_tune(tag: str, workers: int, args, out_root: Path) -> dict:
     env.pop("NOFLASH_TUNE_CONFIGS", None)
     cmd = [sys.executable, "-m", "noflash_tune.cli", "--gpu", args.gpu, "--shapes", args.shapes,
            "--workers", str(workers), "--storage", storage, "--out", str(run_dir / "cfg")]
-    if args.time_budget is not None:
-        cmd += ["--time-budget", str(args.time_budget)]
+    cmd += ["--time-budget", str(args.time_budget), "--trials", str(args.trials)]
     if args.objective == "synthetic":
         cmd += ["--objective", "synthetic", "--synthetic-sleep-ms", str(args.synthetic_sleep_ms)]
     t0 = time.monotonic()
@@ -93,7 +91,9 @@ def main() -> int:
     ap.add_argument("--gpu", default="auto")
     ap.add_argument("--shapes", default="default")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--time-budget", type=float)
+    ap.add_argument("--trials", type=int, default=48, help="trials per shape, the same for both runs")
+    ap.add_argument("--time-budget", type=float, default=0.0,
+                    help="seconds per run (default 0: none, so both runs do the same --trials)")
     ap.add_argument("--storage", help="a PostgreSQL server URL (a database per run is derived); default journal files")
     ap.add_argument("--objective", choices=("measure", "synthetic"), default="measure")
     ap.add_argument("--synthetic-sleep-ms", type=float, default=5.0)
