@@ -75,29 +75,25 @@ def compile_variant(variant: Variant, shape: Shape, arch: int, template: int = 0
     return triton.compile(src, target=target, options=options.__dict__), grid, options.__dict__
 
 
-def sass_of(compiled) -> str:
+def _cubin_tool(compiled, tool: str, *flags: str) -> str:
+    """The output of one of Triton's bundled NVIDIA tools (nvdisasm, cuobjdump) run on ``compiled``'s cubin."""
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    cubin = Path("/dev/shm" if Path("/dev/shm").is_dir() else ".") / "noflash-tune-kernel.cubin"
+    exe = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
+    cubin = Path("/dev/shm" if Path("/dev/shm").is_dir() else ".") / f"noflash-tune-kernel-{os.getpid()}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     try:
-        return subprocess.run([str(tool), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(exe), *flags, str(cubin)], capture_output=True, text=True, check=True).stdout
     finally:
         cubin.unlink(missing_ok=True)
+
+
+def sass_of(compiled) -> str:
+    return _cubin_tool(compiled, "nvdisasm", "-c")
 
 
 def registers_of(compiled) -> int | None:
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    cubin = Path("/dev/shm" if Path("/dev/shm").is_dir() else ".") / "noflash-tune-kernel.cubin"
-    cubin.write_bytes(compiled.asm["cubin"])
-    try:
-        out = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
-    finally:
-        cubin.unlink(missing_ok=True)
-    m = re.search(r"REG:(\d+)", out)
+    m = re.search(r"REG:(\d+)", _cubin_tool(compiled, "cuobjdump", "-res-usage"))
     return int(m.group(1)) if m else None
 
 
