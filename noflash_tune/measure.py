@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -197,8 +198,27 @@ class Timing:
 
 
 def time_fn(fn, device, budget_ms: float = 300.0) -> Timing:
-    """Median time of ``fn()`` in ms."""
-    if torch.device(device).type == "cuda":
+    """Median time of ``fn()`` in ms.
+
+    A call that alone fills the budget (a slow tier at N = 80k: seconds a call) is timed once more, and that is
+    the measurement: its noise is far below the differences that matter, where do_bench's estimate-then-repeat
+    would run it ~8 more times. A first call that was slow only once (a kernel loaded, buffers first touched)
+    goes on to the usual repeated timing."""
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def once() -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    if once() >= budget_ms:
+        ms = once()
+        if ms >= budget_ms:
+            return Timing(ms=ms, p20=ms, p80=ms, samples=[ms])
+    if cuda:
         import triton.testing
 
         # do_bench: CUDA events, L2 flushed between calls, time-based warm-up and repetition.
@@ -207,7 +227,6 @@ def time_fn(fn, device, budget_ms: float = 300.0) -> Timing:
         return Timing(ms=med, p20=p20, p80=p80, samples=[med])
     from torch.utils import benchmark
 
-    fn()  # warm-up (module load, first-touch of buffers)
     m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=budget_ms / 1000)
     times = sorted(t * 1000 for t in m.times)

@@ -194,8 +194,13 @@ def seed_variants(family: str, call: "Call") -> list["Variant"]:
     for its head dim; the chunked tier's GPU blocks)."""
     out = [Variant(family)]
     if FAMILIES[family].kind == "triton":
+        tiles = triton_seed_tiles(max(call.E, call.Ev), call.needs_grad)
+        if call.mask_kind != "none" or call.groups > 1:
+            # Tensor-map loads won by ~5% with a key-padding mask and with GQA (bench/NOTES.md, session 3): there
+            # they go first, before the bucket's share runs out.
+            tiles.sort(key=lambda t: t[5] != 1)
         out += [Variant(family, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
-                for bm, bn, nw, ns, bd, tma in triton_seed_tiles(max(call.E, call.Ev), call.needs_grad)]
+                for bm, bn, nw, ns, bd, tma in tiles]
     elif family == "torch_chunked" and call.q.device.type == "cuda":
         if call.needs_grad:  # the forward's P kept for the backward: one GEMM and two passes a block less
             out += [Variant(family, block_m=bm, streams=st, keep_p=1) for bm, st in CHUNKED_SEEDS_GPU[:2]]

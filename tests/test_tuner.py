@@ -155,6 +155,48 @@ def test_batched_first_batch_runs_every_default_but_only_the_seeds_the_deadline_
     assert {variant_id(v) for v in extra} <= ran2
 
 
+def test_a_batch_skips_the_seeds_of_a_family_its_defaults_found_far_behind(tmp_path, monkeypatch):
+    """The first batch is proposed before any family's defaults ran; once a family's defaults measure far behind
+    the best, its seeds in the same batch are settled as ``pruned_family`` without a run (on a GPU: the chunked
+    tier's seeds where a fused kernel is 10x faster, ~30 s of a bucket's share)."""
+    monkeypatch.setattr(tuner, "EXHAUSTIVE_MAX", 0)
+    extra = [Variant("torch_online", block_m=m) for m in (32, 64)]
+    real_seeds = variants.seed_variants
+    monkeypatch.setattr(variants, "seed_variants", lambda name, call: real_seeds(name, call) + (
+        extra if name == "torch_online" else []))
+    ran = []
+
+    class Runner:  # torch_online 100x the others
+        def run(self, variant, shape, cap, budget_ms):
+            ran.append(variant_id(variant))
+            return {"status": "ok", "ms": 100.0 if variant.family == "torch_online" else 1.0, "peak_bytes": 0}
+
+    shape = Shape(B=1, H=2, L=300, E=16, dtype="fp32", causal=True)
+    opts = tuner.TuneOptions(device="cpu", in_process=True, budget_ms=2, storage=f"journal:{tmp_path / 'j.log'}",
+                             trials=12, compile_workers=2)
+    study, _ = tuner.search(shape, opts, tuner.open_storage(opts.storage), runner=Runner(), warmer=opts.warmer())
+    assert variant_id(Variant("torch_online")) in ran
+    assert not set(ran) & {variant_id(v) for v in extra}
+    skipped = {t.user_attrs["variant"] for t in study.trials if t.user_attrs.get("status") == "pruned_family"}
+    assert {variant_id(v) for v in extra} <= skipped
+
+
+def test_triton_seeds_put_tensor_map_tiles_first_for_masks_and_gqa():
+    """Where tensor-map loads measured faster (a key-padding mask, GQA) their tiles are timed before the others,
+    so a short share still reaches them; elsewhere the seeds keep their listed order."""
+    plain = Shape(B=1, H=4, L=256, E=64).planning_call("cpu")
+    masked = Shape(B=1, H=4, L=256, E=64, mask="bool").planning_call("cpu")
+    gqa = Shape(B=1, H=4, Hkv=2, L=256, E=64).planning_call("cpu")
+    order = {name: [v.params["tma"] for v in variants.seed_variants("triton", c)[1:]]
+             for name, c in (("plain", plain), ("masked", masked), ("gqa", gqa))}
+    listed = [Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
+              for bm, bn, nw, ns, bd, tma in variants.TRITON_SEEDS_FWD["small"]]
+    assert order["plain"] == [v.params["tma"] for v in listed if v != Variant("triton")]
+    for name in ("masked", "gqa"):
+        n = order[name].count(1)
+        assert n and order[name][:n] == [1] * n
+
+
 def test_a_family_far_behind_the_best_gets_no_more_trials():
     study = optuna.create_study()
     fast, slow = variant_id(Variant("torch_chunked")), variant_id(Variant("torch_online"))
@@ -517,3 +559,24 @@ def test_check_accuracy_passes_the_real_tiers(variant, causal):
     assert set(acc.rows) == ({"out", "dq", "dk", "dv"} if grads else {"out"})
     shape = Shape(B=1, H=2, L=77, E=32, dtype="fp32", causal=causal, grad=grads)
     assert measure.check_variant(variant, shape, "cpu").ok
+
+
+def test_a_call_that_fills_the_timing_budget_is_timed_once_more_not_repeated():
+    """A slow tier at a long sequence takes seconds a call: two calls measure it, not do_bench's ~10. A call
+    slow only the first time (a kernel being loaded) still gets the usual repeated timing."""
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.03)
+
+    t = measure.time_fn(slow, "cpu", budget_ms=10.0)
+    assert len(calls) == 2 and t.ms == pytest.approx(30, abs=15)
+
+    def slow_once():
+        calls.append(1)
+        time.sleep(0.03 if len(calls) == 1 else 0.0005)
+
+    calls.clear()
+    t = measure.time_fn(slow_once, "cpu", budget_ms=10.0)
+    assert len(calls) > 3 and t.ms < 5
