@@ -5,8 +5,9 @@ our error, forward and every gradient, is at most 2x the error of the same math 
 without upcast, plus a tiny floor ``2·max|(ref+0.3−0.3) − ref|`` in that dtype.
 
 Timing follows Triton: ``triton.testing.do_bench`` on GPUs (median with 20/80 quantiles, L2 flushed between
-calls), ``torch.utils.benchmark`` on CPUs. Peak memory: the CUDA allocator's peak, or on CPU the process's
-resident high-water mark reset through ``/proc/self/clear_refs`` (after ``malloc_trim``).
+calls), ``torch.utils.benchmark`` on CPUs; a call that alone fills the timing budget is timed once more instead.
+Peak memory: the CUDA allocator's peak, or on CPU the process's resident high-water mark reset through
+``/proc/self/clear_refs`` (after ``malloc_trim``).
 """
 from __future__ import annotations
 

@@ -196,7 +196,7 @@ def seed_variants(family: str, call: "Call") -> list["Variant"]:
     if FAMILIES[family].kind == "triton":
         tiles = triton_seed_tiles(max(call.E, call.Ev), call.needs_grad)
         if call.mask_kind != "none" or call.groups > 1:
-            # Tensor-map loads won by ~5% with a key-padding mask and with GQA (bench/NOTES.md, session 3): there
+            # Tensor-map loads won by ~5% with a key-padding mask and with GQA (bench/NOTES.md, round 3): there
             # they go first, before the bucket's share runs out.
             tiles.sort(key=lambda t: t[5] != 1)
         out += [Variant(family, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
