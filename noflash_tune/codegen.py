@@ -98,14 +98,17 @@ def render_all(variant: Variant, spec: Specialization | None = None) -> str:
     return "\n".join(render(variant, spec, i) for i in range(len(variant.spec.templates)))
 
 
-@lru_cache(maxsize=1)
-def templates_hash() -> str:
-    """A hash of every template's text: tuned entries made from other templates are flagged stale."""
+@lru_cache(maxsize=8)
+def templates_hash(templates: tuple[str, ...] | None = None) -> str:
+    """A hash of the folders holding ``templates`` (names as in ``Family.templates``; default: every template),
+    their includes too: tuned entries made from other templates are flagged stale."""
     h = hashlib.sha256()
     root = templates_dir()
-    for path in sorted(root.rglob("*.j2")):
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(path.read_bytes())
+    folders = [root] if templates is None else sorted({(root / t).parent for t in templates})
+    for folder in folders:
+        for path in sorted(folder.rglob("*.j2")):
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 

@@ -39,7 +39,9 @@ Guarantees
   user dir, the shipped dir; see :func:`noflash_tune.paths.config_dirs`).
 - Staleness (the strict fingerprint): an entry is served but marked ``.stale`` (with the reason) when the file's
   torch major.minor differs from this machine's, or, where it matters for the winner, its triton version (Triton
-  winners) or its templates hash (any winner rendered from a template, i.e. not ``native:*``).
+  winners) or its templates hash (any winner rendered from a template, i.e. not ``native:*``). The hash covers the
+  templates that can serve on the file's device (:func:`templates_hash_for`): all of them on a GPU, the PyTorch
+  tiers' alone on a CPU, where Triton never serves.
 - Every entry in a file was measured under that file's ``device`` fingerprint (as far as it matters for the
   entry's winner). Merges keep this true: an old entry that the new header would misdescribe is dropped, never
   relabelled.
@@ -72,7 +74,7 @@ from .variants import NATIVE_BACKENDS, UnknownVariant, Variant
 
 __all__ = [
     "SCHEMA", "MAX_FILE_BYTES", "ConfigError", "ConfigWarning", "Fingerprint", "DeviceInfo", "Entry",
-    "ConfigFile", "ConfigSet", "ImportReport", "ExportReport", "this_device_info", "stale_reasons", "parse",
+    "ConfigFile", "ConfigSet", "ImportReport", "ExportReport", "this_device_info", "templates_hash_for", "stale_reasons", "parse",
     "load_file", "load_for_device", "dump", "write_file", "import_file", "export",
 ]
 
@@ -127,18 +129,23 @@ class Fingerprint:
     templates_hash: str
 
     @classmethod
-    def current(cls) -> "Fingerprint":
+    def current(cls, device_key: str) -> "Fingerprint":
+        """This machine's fingerprint now, for entries of ``device_key`` (its templates hash depends on it)."""
         from . import device as _device
 
         v = _device.versions()
-        return cls(torch=v["torch"], triton=v["triton"], templates_hash=_templates_hash())
+        return cls(torch=v["torch"], triton=v["triton"], templates_hash=templates_hash_for(device_key))
 
 
-def _templates_hash() -> str:
-    from . import codegen
+def templates_hash_for(device_key: str) -> str:
+    """The hash of the templates whose kernels can serve on ``device_key``'s device: every template on a GPU; on a
+    CPU only the PyTorch tiers' (Triton never serves there), so a Triton template edit leaves CPU entries fresh."""
+    from . import codegen, device as _device
 
+    templates = tuple(t for f in _variants.FAMILIES.values() for t in f.templates
+                      if not (f.kind == "triton" and _device.is_cpu_key(device_key)))
     try:
-        return codegen.templates_hash()
+        return codegen.templates_hash(templates)
     except FileNotFoundError:
         return "0"
 
@@ -202,14 +209,15 @@ def this_device_info(device=None) -> DeviceInfo:
     from . import device as _device
 
     v = _device.versions()
+    key = _device.device_key(device)
     return DeviceInfo(
-        key=_device.device_key(device),
+        key=key,
         name=_clean_text(_device.device_name(device)),
         memory_bytes=int(_device.total_memory_bytes(device)),
         torch=_clean_version(v["torch"]),
         triton=_clean_version(v["triton"]),
         driver=_clean_version(v["driver"]),
-        templates_hash=_templates_hash(),
+        templates_hash=templates_hash_for(key),
         space_hash=_variants.space_hash(),
     )
 
@@ -733,7 +741,7 @@ def load_for_device(device_key: str, dirs: Iterable[Path | str] | None = None, *
         if cfg.dropped:
             _warn(_dropped_message(cfg))
         if now is None:
-            now = Fingerprint.current()
+            now = Fingerprint.current(device_key)
         _mark_stale(cfg, now)
         out.loaded.append(cfg)
         for key, e in cfg.entries.items():
@@ -930,7 +938,7 @@ def import_file(src: Path | str, dest_dir: Path | str | None = None, *, force: b
     """
     src = Path(src)
     incoming = load_file(src, warn=False)
-    now = fingerprint or Fingerprint.current()
+    now = fingerprint or Fingerprint.current(incoming.device.key)
     _mark_stale(incoming, now)
     dest = Path(dest_dir) if dest_dir is not None else _paths.user_config_dir()
     path = dest / f"{_check_key(incoming.device.key)}.json"

@@ -34,6 +34,11 @@ def device_key(device=None) -> str:
     return dev.type
 
 
+def is_cpu_key(key: str) -> bool:
+    """Whether a device key (see :func:`device_key`) names a CPU."""
+    return key.startswith("cpu-")
+
+
 def device_name(device=None) -> str:
     dev = _as_device(device)
     if dev.type == "cuda":

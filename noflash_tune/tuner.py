@@ -30,7 +30,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from . import codegen, device as devmod, variants
+from . import device as devmod, variants
 from .shapes import Shape
 from .trials import TrialRunner, Warmer, variant_from_id, variant_id
 from .variants import FAMILIES, Variant
@@ -143,10 +143,12 @@ def _open_rdb(url: str, attempts: int = 6):
 
 
 def study_name(device_key: str, shape: Shape) -> str:
+    from . import configs
+
     s = shape
     shape_key = f"B{s.B}H{s.H}kv{s.Hkv}L{s.L}S{s.S}E{s.E}Ev{s.Ev}"
     return (f"noflash-tune/{device_key}/{shape.bucket().key}/{shape_key}/space-{variants.space_hash()}"
-            f"/templates-{codegen.templates_hash()}")
+            f"/templates-{configs.templates_hash_for(device_key)}")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -650,3 +651,34 @@ def test_export_writes_one_self_describing_merged_file(tmp_path):
     assert len(rep2.added) == 2
     with pytest.raises(C.ConfigError, match="no tuned entries"):
         C.export(KEY, tmp_path / "none.json", dirs=[tmp_path / "empty"])
+
+
+def test_a_cpu_files_freshness_ignores_triton_templates_a_gpu_files_does_not(tmp_path, monkeypatch):
+    """Triton never serves on a CPU: editing a Triton template must not mark a CPU's tuned entries stale (nor reset
+    its studies), while a GPU's entries, which may hold Triton winners, follow every template."""
+    from noflash_tune import codegen
+
+    tdir = tmp_path / "templates"
+    shutil.copytree(codegen.templates_dir(), tdir)
+    monkeypatch.setattr(codegen, "templates_dir", lambda: tdir)
+
+    def edit(name):
+        with open(tdir / name, "a") as f:
+            f.write("{# an edit #}\n")
+        codegen.templates_hash.cache_clear()
+
+    codegen.templates_hash.cache_clear()
+    try:
+        cpu, gpu = C.templates_hash_for("cpu-x86_64"), C.templates_hash_for("sm_90")
+        edit("triton/attention_fwd.py.j2")
+        assert C.templates_hash_for("cpu-x86_64") == cpu and C.templates_hash_for("sm_90") != gpu
+        gpu = C.templates_hash_for("sm_90")
+        edit("torch/_blocks.py.j2")  # an include the tiers share
+        assert C.templates_hash_for("cpu-x86_64") != cpu and C.templates_hash_for("sm_90") != gpu
+        # What marks entries stale: a CPU file written before the Triton edit is still fresh after it.
+        fp = C.Fingerprint(torch="2.5.1", triton=None, templates_hash=C.templates_hash_for("cpu-x86_64"))
+        edit("triton/_shared.py.j2")
+        now = C.Fingerprint(torch="2.5.1", triton=None, templates_hash=C.templates_hash_for("cpu-x86_64"))
+        assert not C.stale_reasons(Variant("torch_chunked"), fp, now)
+    finally:
+        codegen.templates_hash.cache_clear()
