@@ -41,6 +41,9 @@ EXHAUSTIVE_MAX = 400
 REMEASURE_TOP = 3
 RUNNER_UP_WITHIN = 0.03
 SLOW_FAMILY = 4.0  # a family whose best is over this many times the best candidate's gets no more trials
+# A family this far behind the best at some sequence length is not measured at all at longer ones of the same kind,
+# later in the same run: at N = 80k the online tier's defaults alone take 21 s a call on an H200.
+HOPELESS_FAMILY = 25.0
 UNSTAMPED_GRACE_S = 10.0  # a RUNNING trial with no host/pid this old was left by a killed process
 ENQUEUE_ORDER = ("native", "triton", "torch")  # which candidates a study measures first
 CATEGORICAL = "variant"
@@ -307,7 +310,7 @@ def _structured_params(trial: optuna.Trial, families: dict[str, list[Variant]]) 
 
 
 def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, deadline: float | None = None,
-           runner: TrialRunner | None = None, warmer: Warmer | None = None):
+           runner: TrialRunner | None = None, warmer: Warmer | None = None, skip: dict[str, str] | None = None):
     """Run (or resume) the study of one shape until its space, its trial cap or the deadline is exhausted.
 
     With a ``warmer`` (GPU tuning with Triton candidates) trials are asked for in batches: the batch's kernels
@@ -379,7 +382,7 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
             vid = variant_id(_structured_params(trial, by_family))
             if vid not in seen_ids:
                 _skip(trial, "pruned_analytic", "pruned analytically (not among the kept candidates)")
-        why = _slow_family(study, vid)
+        why = (skip or {}).get(vid.partition("|")[0]) or _slow_family(study, vid)
         if why:
             _skip(trial, "pruned_family", why, vid)
         return vid
@@ -631,6 +634,42 @@ def budget_weight(shape: Shape) -> float:
     return 1.0
 
 
+class HopelessFamilies:
+    """The families a run found hopeless (over ``HOPELESS_FAMILY`` times the best) on a shape, so that its later
+    shapes of the same kind (dtype, head dims, causal, mask, GQA, grad) with as many scores or more skip them."""
+
+    def __init__(self):
+        self._seen: dict[tuple, tuple[int, str]] = {}  # (kind, family) -> (L*S where seen, why)
+
+    @staticmethod
+    def _kind(shape: Shape) -> tuple:
+        b = shape.bucket()
+        return (*b.family_key, b.gqa, b.grad)
+
+    def record(self, shape: Shape, study: optuna.Study | None) -> None:
+        if study is None:
+            return
+        best: dict[str, float] = {}
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            family = t.user_attrs.get("variant", "").partition("|")[0]
+            if family and t.value is not None:
+                best[family] = min(best.get(family, math.inf), t.value)
+        if not best:
+            return
+        top = min(best.values())
+        for family, ms in best.items():
+            size = shape.L * shape.S
+            key = (self._kind(shape), family)
+            if (FAMILIES[family].kind != "native" and ms > HOPELESS_FAMILY * top
+                    and size < self._seen.get(key, (math.inf, ""))[0]):
+                self._seen[key] = (size, f"family {family} was {ms / top:.0f}x behind the best at {shape.label()} "
+                                         f"earlier in this run; not measured at as long a sequence or longer")
+
+    def skips(self, shape: Shape) -> dict[str, str]:
+        kind, size = self._kind(shape), shape.L * shape.S
+        return {family: why for (k, family), (seen, why) in self._seen.items() if k == kind and size >= seen}
+
+
 def tune(shapes: list[Shape], opts: TuneOptions, console=None,
          on_result: Callable[[BucketResult], None] | None = None) -> list[BucketResult]:
     """Search and crown every shape (a rich progress bar per shape); returns the results in shape order.
@@ -646,6 +685,7 @@ def tune(shapes: list[Shape], opts: TuneOptions, console=None,
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     runner = opts.trial_runner()
     warmer = opts.warmer()
+    hopeless = HopelessFamilies()
     if warmer is not None:
         warmer.start()  # its processes start while the first shape's natives are timed
     try:
@@ -658,8 +698,10 @@ def tune(shapes: list[Shape], opts: TuneOptions, console=None,
                     left = deadline - time.monotonic()
                     weights = [budget_weight(s) for s in shapes[i:]]
                     share = time.monotonic() + max(1.0, left * weights[0] / sum(weights))
-                study, cands = search(shape, opts, storage, progress, task, share, runner=runner, warmer=warmer)
+                study, cands = search(shape, opts, storage, progress, task, share, runner=runner, warmer=warmer,
+                                      skip=hopeless.skips(shape))
                 wait_for_others(study, opts.trial_timeout_s)  # other processes on this study: their last trials
+                hopeless.record(shape, study)
                 res = crown(study, shape, opts, cands, runner=runner)
                 res.seconds = time.monotonic() - t0
                 results.append(res)
@@ -707,9 +749,12 @@ def _search_worker(index: int, n_workers: int, shapes_json: list[dict], opts_jso
     storage = open_storage(opts.storage)
     deadline = None if deadline_wall is None else time.monotonic() + (deadline_wall - time.time())
     warmer = opts.warmer(share=n_workers)
+    hopeless = HopelessFamilies()
     try:
         for sj in shapes_json:
-            search(Shape(**sj), opts, storage, deadline=deadline, warmer=warmer)
+            shape = Shape(**sj)
+            study, _ = search(shape, opts, storage, deadline=deadline, warmer=warmer, skip=hopeless.skips(shape))
+            hopeless.record(shape, study)
     finally:
         if warmer is not None:
             warmer.close()

@@ -197,6 +197,35 @@ def test_triton_seeds_put_tensor_map_tiles_first_for_masks_and_gqa():
         assert n and order[name][:n] == [1] * n
 
 
+def test_a_family_hopeless_at_one_length_is_not_measured_at_longer_ones_of_the_same_kind(tmp_path, monkeypatch):
+    """At N = 80k the online tier's defaults alone take 21 s a call on an H200, 100x behind cuDNN as at 16k: a family
+    over HOPELESS_FAMILY times the best on one shape is skipped, with the reason, on the run's later shapes of the
+    same kind that are as long or longer, and still measured on other kinds and on shorter shapes."""
+    monkeypatch.setattr(tuner, "EXHAUSTIVE_MAX", 0)
+    ran = []
+
+    class Runner:  # torch_online 100x the others
+        def run(self, variant, shape, cap, budget_ms):
+            ran.append((shape.L, shape.causal, variant.family))
+            return {"status": "ok", "ms": 100.0 if variant.family == "torch_online" else 1.0, "peak_bytes": 0}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tuner.TuneOptions, "trial_runner", lambda self: Runner())
+    # (Lengths of 300 or more keep every family's defaults.)
+    shapes = [Shape(B=1, H=2, L=600, E=16, dtype="fp32"), Shape(B=1, H=2, L=300, E=16, dtype="fp32"),
+              Shape(B=1, H=2, L=600, E=16, dtype="fp32", causal=True), Shape(B=1, H=2, L=1200, E=16, dtype="fp32")]
+    opts = tuner.TuneOptions(device="cpu", in_process=True, budget_ms=2, storage=f"journal:{tmp_path / 'j.log'}",
+                             trials=10)
+    tuner.tune(shapes, opts)
+    online = {(L, causal) for L, causal, fam in ran if fam == "torch_online"}
+    assert online == {(600, False), (300, False), (600, True)}  # not at L=1200 non-causal
+    study = load_study(opts.storage, shapes[3])
+    why = [t.user_attrs["reason"] for t in study.trials if t.user_attrs.get("variant", "").startswith("torch_online")]
+    assert why and all("100x behind" in w and "earlier in this run" in w for w in why)
+
+
 def test_a_family_far_behind_the_best_gets_no_more_trials():
     study = optuna.create_study()
     fast, slow = variant_id(Variant("torch_chunked")), variant_id(Variant("torch_online"))
