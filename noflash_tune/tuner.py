@@ -472,21 +472,25 @@ def _skip(trial: optuna.Trial, status: str, why: str, vid: str | None = None):
     raise optuna.TrialPruned(why)
 
 
+def family_bests(study: optuna.Study) -> dict[str, float]:
+    """The best time (ms) each family measured in ``study``, its native backends each a family of their own."""
+    best: dict[str, float] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        family = t.user_attrs.get("variant", "").partition("|")[0]
+        if family and t.value is not None:
+            best[family] = min(best.get(family, math.inf), t.value)
+    return best
+
+
 def _slow_family(study: optuna.Study, vid: str) -> str:
     """Why ``vid``'s family is not worth more trials here: its best time so far is over ``SLOW_FAMILY`` times the
     best of any candidate (measured ones only; a family with no measurement yet is always tried)."""
     family = vid.partition("|")[0]
-    best, best_family = math.inf, math.inf
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.value is None:
-            continue
-        best = min(best, t.value)
-        if t.user_attrs.get("variant", "").partition("|")[0] == family:
-            best_family = min(best_family, t.value)
-    if FAMILIES[family].kind == "native" or best_family == math.inf or best_family <= SLOW_FAMILY * best:
+    bests = family_bests(study)
+    if FAMILIES[family].kind == "native" or family not in bests or bests[family] <= SLOW_FAMILY * min(bests.values()):
         return ""
-    return (f"family {family} is not competitive here: its best {best_family:.3g} ms is over "
-            f"{SLOW_FAMILY:g}x the best {best:.3g} ms")
+    return (f"family {family} is not competitive here: its best {bests[family]:.3g} ms is over "
+            f"{SLOW_FAMILY:g}x the best {min(bests.values()):.3g} ms")
 
 
 def _batched(study, propose, evaluate, tick, cap_cb: _CandidateCap, remaining: int, deadline, warmer: Warmer,
@@ -647,18 +651,11 @@ class HopelessFamilies:
         return (*b.family_key, b.gqa, b.grad)
 
     def record(self, shape: Shape, study: optuna.Study | None) -> None:
-        if study is None:
-            return
-        best: dict[str, float] = {}
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            family = t.user_attrs.get("variant", "").partition("|")[0]
-            if family and t.value is not None:
-                best[family] = min(best.get(family, math.inf), t.value)
+        best = family_bests(study) if study is not None else {}
         if not best:
             return
-        top = min(best.values())
+        top, size = min(best.values()), shape.L * shape.S
         for family, ms in best.items():
-            size = shape.L * shape.S
             key = (self._kind(shape), family)
             if (FAMILIES[family].kind != "native" and ms > HOPELESS_FAMILY * top
                     and size < self._seen.get(key, (math.inf, ""))[0]):
