@@ -74,8 +74,8 @@ from .variants import NATIVE_BACKENDS, UnknownVariant, Variant
 
 __all__ = [
     "SCHEMA", "MAX_FILE_BYTES", "ConfigError", "ConfigWarning", "Fingerprint", "DeviceInfo", "Entry",
-    "ConfigFile", "ConfigSet", "ImportReport", "ExportReport", "this_device_info", "templates_hash_for", "stale_reasons", "parse",
-    "load_file", "load_for_device", "dump", "write_file", "import_file", "export",
+    "ConfigFile", "ConfigSet", "ImportReport", "ExportReport", "this_device_info", "templates_hash_for",
+    "stale_reasons", "parse", "load_file", "load_for_device", "dump", "write_file", "import_file", "export",
 ]
 
 SCHEMA = 1
