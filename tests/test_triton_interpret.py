@@ -225,6 +225,23 @@ def test_tma_tiles_match_the_pointer_path_and_the_rule(case, tma):
     torch.testing.assert_close(out, out0, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("tma", [1, 2])
+def test_tma_tiles_with_broadcast_key_value_batches(tma):
+    """K/V shared by every batch row (expanded: a stride-0 batch dim, which a tensor map cannot describe) are
+    read through pointers instead: the same answer as the pointer path, within the rule."""
+    g = torch.Generator().manual_seed(11)
+    B, H, L, S, E = 3, 2, 21, 27, 16
+    q = torch.randn(B, H, L, E, generator=g).to(DEV)
+    k = torch.randn(1, H, S, E, generator=g).to(DEV).expand(B, H, S, E)
+    v = torch.randn(1, H, S, E, generator=g).to(DEV).expand(B, H, S, E)
+    assert k.stride(0) == 0
+    tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+    outs = [triton_attention(normalize(q, k, v, is_causal=True), Variant("triton", tma=t, **tile)) for t in (tma, 0)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    ref = math_attention(q.double(), k.double(), v.double(), causal=True)
+    _check("out", outs[0], math_attention(q, k, v, causal=True), ref, torch.float32)
+
+
 def test_gqa_causal_bottom_right():
     _run_case(2, 4, 1, 19, 35, 16, 16, torch.float16, causal=True, bottom_right=True,
               variant=Variant("triton", BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2))
