@@ -155,6 +155,20 @@ def test_batched_first_batch_runs_every_default_but_only_the_seeds_the_deadline_
     assert {variant_id(v) for v in extra} <= ran2
 
 
+class OnlineFarBehind:
+    """A stand-in trial runner: every candidate takes 1 ms, the online tier's 100 ms; it records what it ran."""
+
+    def __init__(self):
+        self.ran: list[tuple[Shape, Variant]] = []
+
+    def run(self, variant, shape, cap, budget_ms):
+        self.ran.append((shape, variant))
+        return {"status": "ok", "ms": 100.0 if variant.family == "torch_online" else 1.0, "peak_bytes": 0}
+
+    def close(self):
+        pass
+
+
 def test_a_batch_skips_the_seeds_of_a_family_its_defaults_found_far_behind(tmp_path, monkeypatch):
     """The first batch is proposed before any family's defaults ran; once a family's defaults measure far behind
     the best, its seeds in the same batch are settled as ``pruned_family`` without a run (on a GPU: the chunked
@@ -164,17 +178,12 @@ def test_a_batch_skips_the_seeds_of_a_family_its_defaults_found_far_behind(tmp_p
     real_seeds = variants.seed_variants
     monkeypatch.setattr(variants, "seed_variants", lambda name, call: real_seeds(name, call) + (
         extra if name == "torch_online" else []))
-    ran = []
-
-    class Runner:  # torch_online 100x the others
-        def run(self, variant, shape, cap, budget_ms):
-            ran.append(variant_id(variant))
-            return {"status": "ok", "ms": 100.0 if variant.family == "torch_online" else 1.0, "peak_bytes": 0}
-
+    runner = OnlineFarBehind()
     shape = Shape(B=1, H=2, L=300, E=16, dtype="fp32", causal=True)
     opts = tuner.TuneOptions(device="cpu", in_process=True, budget_ms=2, storage=f"journal:{tmp_path / 'j.log'}",
                              trials=12, compile_workers=2)
-    study, _ = tuner.search(shape, opts, tuner.open_storage(opts.storage), runner=Runner(), warmer=opts.warmer())
+    study, _ = tuner.search(shape, opts, tuner.open_storage(opts.storage), runner=runner, warmer=opts.warmer())
+    ran = [variant_id(v) for _, v in runner.ran]
     assert variant_id(Variant("torch_online")) in ran
     assert not set(ran) & {variant_id(v) for v in extra}
     skipped = {t.user_attrs["variant"] for t in study.trials if t.user_attrs.get("status") == "pruned_family"}
@@ -202,24 +211,15 @@ def test_a_family_hopeless_at_one_length_is_not_measured_at_longer_ones_of_the_s
     over HOPELESS_FAMILY times the best on one shape is skipped, with the reason, on the run's later shapes of the
     same kind that are as long or longer, and still measured on other kinds and on shorter shapes."""
     monkeypatch.setattr(tuner, "EXHAUSTIVE_MAX", 0)
-    ran = []
-
-    class Runner:  # torch_online 100x the others
-        def run(self, variant, shape, cap, budget_ms):
-            ran.append((shape.L, shape.causal, variant.family))
-            return {"status": "ok", "ms": 100.0 if variant.family == "torch_online" else 1.0, "peak_bytes": 0}
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(tuner.TuneOptions, "trial_runner", lambda self: Runner())
+    runner = OnlineFarBehind()
+    monkeypatch.setattr(tuner.TuneOptions, "trial_runner", lambda self: runner)
     # (Lengths of 300 or more keep every family's defaults.)
     shapes = [Shape(B=1, H=2, L=600, E=16, dtype="fp32"), Shape(B=1, H=2, L=300, E=16, dtype="fp32"),
               Shape(B=1, H=2, L=600, E=16, dtype="fp32", causal=True), Shape(B=1, H=2, L=1200, E=16, dtype="fp32")]
     opts = tuner.TuneOptions(device="cpu", in_process=True, budget_ms=2, storage=f"journal:{tmp_path / 'j.log'}",
                              trials=10)
     tuner.tune(shapes, opts)
-    online = {(L, causal) for L, causal, fam in ran if fam == "torch_online"}
+    online = {(sh.L, sh.causal) for sh, v in runner.ran if v.family == "torch_online"}
     assert online == {(600, False), (300, False), (600, True)}  # not at L=1200 non-causal
     study = load_study(opts.storage, shapes[3])
     why = [t.user_attrs["reason"] for t in study.trials if t.user_attrs.get("variant", "").startswith("torch_online")]
@@ -600,7 +600,7 @@ def test_a_call_that_fills_the_timing_budget_is_timed_once_more_not_repeated():
         time.sleep(0.03)
 
     t = measure.time_fn(slow, "cpu", budget_ms=10.0)
-    assert len(calls) == 2 and t.ms == pytest.approx(30, abs=15)
+    assert len(calls) == 2 and t.ms >= 25
 
     def slow_once():
         calls.append(1)
@@ -608,4 +608,4 @@ def test_a_call_that_fills_the_timing_budget_is_timed_once_more_not_repeated():
 
     calls.clear()
     t = measure.time_fn(slow_once, "cpu", budget_ms=10.0)
-    assert len(calls) > 3 and t.ms < 5
+    assert len(calls) > 3 and t.ms < 15  # not the slow first call
