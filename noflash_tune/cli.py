@@ -263,7 +263,7 @@ def cmd_doctor(args) -> int:
     """The device, its native backends, the config files found (and whether stale), and typical plans."""
     import torch
 
-    from . import __version__, configs, device as devmod, explain
+    from . import __version__, device as devmod, explain
     from .configs import load_for_device
     from .shapes import Shape
 
@@ -283,13 +283,12 @@ def cmd_doctor(args) -> int:
     console.print("native   " + ", ".join(f"{k} {'on' if on else 'off'}" for k, on in flags.items()))
     cs = load_for_device(key)
     console.print(f"configs  searched {', '.join(str(p) for p in cs.searched)}")
-    for path in cs.files:
+    for cfg in cs.loaded:
+        path = cfg.source
         n = sum(1 for e in cs.entries if e.source == path)
         stale = sum(1 for e in cs.entries if e.source == path and e.stale)
-        try:  # a file earlier in the search order takes the buckets both hold: say so, not "0 entries"
-            held = len(configs.load_file(path).entries)
-        except Exception:  # noqa: BLE001 - it loaded a moment ago; a race with a writer only loses this count
-            held = n
+        # A file earlier in the search order takes the buckets both hold: say so, not "0 entries".
+        held = len(cfg.entries)
         shadowed = f", {held - n} shadowed by a file searched earlier" if held > n else ""
         console.print(f"         {path}: {n} entries in use{shadowed}" + (f", [yellow]{stale} stale[/]" if stale else ""))
     for path, why in cs.skipped:
