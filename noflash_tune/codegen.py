@@ -21,7 +21,7 @@ from types import ModuleType
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .variants import Variant
+from .variants import FAMILIES, Variant
 
 MASK_KINDS = ("none", "bool", "float")
 
@@ -98,18 +98,38 @@ def render_all(variant: Variant, spec: Specialization | None = None) -> str:
     return "\n".join(render(variant, spec, i) for i in range(len(variant.spec.templates)))
 
 
+def _hash_files(root: Path, paths) -> str:
+    """A hash of ``paths`` (in the order given) by their names relative to ``root`` and their contents."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 @lru_cache(maxsize=8)
 def templates_hash(templates: tuple[str, ...] | None = None) -> str:
     """A hash of the folders holding ``templates`` (names as in ``Family.templates``; default: every template),
     their includes too: tuned entries made from other templates are flagged stale."""
-    h = hashlib.sha256()
     root = templates_dir()
     folders = [root] if templates is None else sorted({(root / t).parent for t in templates})
-    for folder in folders:
-        for path in sorted(folder.rglob("*.j2")):
-            h.update(path.relative_to(root).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:12]
+    return _hash_files(root, (path for folder in folders for path in sorted(folder.rglob("*.j2"))))
+
+
+@lru_cache(maxsize=16)
+def family_templates_hash(family: str) -> str:
+    """A hash of the templates ``family`` renders: its own files and the shared partials (``_*.j2``) of their
+    folders. Another family's own template, added or edited, leaves it unchanged."""
+    root = templates_dir()
+    own = {root / t for t in FAMILIES[family].templates}
+    partials = {path for folder in {p.parent for p in own} for path in folder.glob("_*.j2")}
+    return _hash_files(root, sorted(own | partials))
+
+
+def clear_hash_caches() -> None:
+    """Forget the template hashes computed so far (after the templates changed on disk)."""
+    templates_hash.cache_clear()
+    family_templates_hash.cache_clear()
 
 
 def cache_dir() -> Path:
