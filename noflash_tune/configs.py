@@ -6,9 +6,11 @@ One JSON file per device key (``sm_90.json``, ``gfx906.json``, ``cpu-x86_64.json
 (sorted keys, ``indent=1``, entries sorted by bucket key, ASCII, trailing newline) so that diffs review well::
 
     {
-     "schema": 1,
+     "schema": 2,
      "device": {"key": "cpu-x86_64", "name": "...", "memory_bytes": 0, "torch": "2.5.1", "triton": null,
-                "driver": null, "templates_hash": "ff183fd90dde", "space_hash": "473abc407ab7"},
+                "driver": null, "templates_hash": "ff183fd90dde", "space_hash": "473abc407ab7",
+                "family_templates": {"torch_chunked": "a7d7b6b989fb", "torch_inplace": "e4320c381d8f",
+                                     "torch_online": "274150002c79"}},
      "created": "2025-01-31T12:00:00Z", "tool": "noflash-tune 0.1.0",
      "vram_cap_gib": null,
      "entries": [
@@ -20,7 +22,11 @@ One JSON file per device key (``sm_90.json``, ``gfx906.json``, ``cpu-x86_64.json
      ]
     }
 
-``vram_cap_gib`` is the cap every winner in the file respects (null: none).
+``vram_cap_gib`` is the cap every winner in the file respects (null: none). ``templates_hash`` covers every
+template that can serve on the device (:func:`templates_hash_for`); ``family_templates`` holds, for each family
+that can serve there, the hash of the templates that family renders (:func:`family_templates_for`; at most
+:data:`MAX_FAMILIES`; a family unknown to this version is kept and never matched). Schema 1 files, without
+``family_templates``, are still read, and written back as schema 1.
 
 Guarantees
 ----------
@@ -39,9 +45,12 @@ Guarantees
   user dir, the shipped dir; see :func:`noflash_tune.paths.config_dirs`).
 - Staleness (the strict fingerprint): an entry is served but marked ``.stale`` (with the reason) when the file's
   torch major.minor differs from this machine's, or, where it matters for the winner, its triton version (Triton
-  winners) or its templates hash (any winner rendered from a template, i.e. not ``native:*``). The hash covers the
-  templates that can serve on the file's device (:func:`templates_hash_for`): all of them on a GPU, the PyTorch
-  tiers' alone on a CPU, where Triton never serves.
+  winners) or the templates hash of the winner's family (any winner rendered from a template, i.e. not
+  ``native:*``): its own templates and the shared partials (``_*.j2``) of their folders, so adding or editing
+  another family's template leaves it fresh. The families hashed are those that can serve on the file's device:
+  all of them on a GPU, the PyTorch tiers alone on a CPU, where Triton never serves. A schema 1 file's entries
+  follow the combined ``templates_hash`` instead, as does any comparison with a schema 1 header. A winner whose
+  family the file does not hash is stale (tuned before that family's templates existed).
 - Every entry in a file was measured under that file's ``device`` fingerprint (as far as it matters for the
   entry's winner). Merges keep this true: an old entry that the new header would misdescribe is dropped, never
   relabelled.
@@ -75,13 +84,16 @@ from .variants import NATIVE_BACKENDS, UnknownVariant, Variant
 __all__ = [
     "SCHEMA", "MAX_FILE_BYTES", "ConfigError", "ConfigWarning", "Fingerprint", "DeviceInfo", "Entry",
     "ConfigFile", "ConfigSet", "ImportReport", "ExportReport", "this_device_info", "templates_hash_for",
-    "stale_reasons", "parse", "load_file", "load_for_device", "dump", "write_file", "import_file", "export",
+    "family_templates_for", "stale_reasons", "parse", "load_file", "load_for_device", "dump", "write_file",
+    "import_file", "export",
 ]
 
-SCHEMA = 1
+SCHEMA = 2
+SCHEMAS_READ = (1, 2)  # schema 1: no per-family templates hashes (``device.family_templates``)
 MAX_FILE_BYTES = 8 << 20
 LOCK_TIMEOUT_S = 300.0
 MAX_RUNNERS_UP = 64
+MAX_FAMILIES = 64
 
 DTYPES = ("fp32", "fp16", "bf16", "fp64")
 TRIAL_KEYS = ("complete", "pruned_cap", "pruned_accuracy", "failed")
@@ -122,53 +134,121 @@ def _torch_minor(version: str) -> str:
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """The strict fingerprint an entry's measurements depend on (DESIGN lesson 6)."""
+    """The strict fingerprint an entry's measurements depend on (DESIGN lesson 6). ``family_templates``: the
+    templates hash of each family that can serve on the device (``None``: unknown, a schema 1 file)."""
 
     torch: str
     triton: str | None
     templates_hash: str
+    family_templates: tuple[tuple[str, str], ...] | None = None
 
     @classmethod
     def current(cls, device_key: str) -> "Fingerprint":
-        """This machine's fingerprint now, for entries of ``device_key`` (its templates hash depends on it)."""
+        """This machine's fingerprint now, for entries of ``device_key`` (its templates hashes depend on it)."""
         from . import device as _device
 
         v = _device.versions()
-        return cls(torch=v["torch"], triton=v["triton"], templates_hash=templates_hash_for(device_key))
+        return cls(torch=v["torch"], triton=v["triton"], templates_hash=templates_hash_for(device_key),
+                   family_templates=family_templates_for(device_key))
+
+    def family_hash(self, family: str) -> str | None:
+        """The templates hash of ``family`` (``None``: not in this fingerprint)."""
+        return dict(self.family_templates or ()).get(family)
+
+
+def _serving_families(device_key: str) -> list:
+    """The families rendered from templates that can serve on ``device_key``'s device: all of them on a GPU; on a
+    CPU the PyTorch tiers alone (Triton never serves there)."""
+    from . import device as _device
+
+    cpu = _device.is_cpu_key(device_key)
+    return [f for f in _variants.FAMILIES.values() if f.kind != "native" and not (cpu and f.kind == "triton")]
+
+
+def _hash_or_zero(fn: Callable[..., str], *args) -> str:
+    """``fn(*args)``, or "0" where the templates folder is missing (nothing renders then)."""
+    try:
+        return fn(*args)
+    except FileNotFoundError:
+        return "0"
 
 
 def templates_hash_for(device_key: str) -> str:
-    """The hash of the templates whose kernels can serve on ``device_key``'s device: every template on a GPU; on a
-    CPU only the PyTorch tiers' (Triton never serves there), so a Triton template edit leaves CPU entries fresh."""
-    from . import codegen, device as _device
+    """The hash of the templates whose kernels can serve on ``device_key``'s device, all together: every template
+    on a GPU; on a CPU only the PyTorch tiers', so a Triton template edit leaves it unchanged there."""
+    from . import codegen
 
-    templates = tuple(t for f in _variants.FAMILIES.values() for t in f.templates
-                      if not (f.kind == "triton" and _device.is_cpu_key(device_key)))
-    try:
-        return codegen.templates_hash(templates)
-    except FileNotFoundError:
-        return "0"
+    templates = tuple(t for f in _serving_families(device_key) for t in f.templates)
+    return _hash_or_zero(codegen.templates_hash, templates)
+
+
+def family_templates_for(device_key: str) -> tuple[tuple[str, str], ...]:
+    """Each family that can serve on ``device_key``'s device with the hash of its own templates (and the partials
+    they include, :func:`noflash_tune.codegen.family_templates_hash`), sorted by family."""
+    from . import codegen
+
+    return tuple(sorted((f.name, _hash_or_zero(codegen.family_templates_hash, f.name))
+                        for f in _serving_families(device_key)))
+
+
+def _version_reasons(kind: str, tuned: Fingerprint, now: Fingerprint) -> list[str]:
+    """The torch major.minor (any winner) and the triton version (Triton winners) that differ."""
+    out = []
+    if _torch_minor(tuned.torch) != _torch_minor(now.torch):
+        out.append(f"tuned with torch {_torch_minor(tuned.torch)}, running torch {_torch_minor(now.torch)}")
+    if kind == "triton" and tuned.triton != now.triton:
+        out.append(f"tuned with triton {tuned.triton}, running triton {now.triton}")
+    return out
+
+
+def _combined_reasons(tuned: Fingerprint, now: Fingerprint) -> list[str]:
+    if tuned.templates_hash == now.templates_hash:
+        return []
+    return [f"templates changed since tuning ({tuned.templates_hash} -> {now.templates_hash})"]
+
+
+def _template_reasons(family: str, tuned: Fingerprint, now: Fingerprint) -> list[str]:
+    """Whether ``family``'s templates differ: by its own hash where both fingerprints have one per family, else
+    (a schema 1 side) by the combined hash."""
+    if tuned.family_templates is None or now.family_templates is None:
+        return _combined_reasons(tuned, now)
+    was, cur = tuned.family_hash(family), now.family_hash(family)
+    if was is None:
+        return [f"tuned before family {family}'s templates existed"]
+    if cur is None:
+        return [f"no hash of family {family}'s templates to compare with"]
+    if was != cur:
+        return [f"templates of {family} changed since tuning ({was} -> {cur})"]
+    return []
 
 
 def stale_reasons(winner: Variant, tuned: Fingerprint, now: Fingerprint) -> list[str]:
     """Why an entry with ``winner``, measured under ``tuned``, may not hold under ``now`` (empty: fresh).
 
     torch major.minor matters for every winner (the tiers run torch GEMMs; native is torch's own); the triton
-    version only for Triton winners; the templates hash for every winner rendered from a template.
+    version only for Triton winners; for every winner rendered from a template, the templates hash of its family
+    (the combined hash where either fingerprint has none per family).
     """
-    out = []
-    if _torch_minor(tuned.torch) != _torch_minor(now.torch):
-        out.append(f"tuned with torch {_torch_minor(tuned.torch)}, running torch {_torch_minor(now.torch)}")
-    if winner.kind == "triton" and tuned.triton != now.triton:
-        out.append(f"tuned with triton {tuned.triton}, running triton {now.triton}")
-    if winner.kind != "native" and tuned.templates_hash != now.templates_hash:
-        out.append(f"templates changed since tuning ({tuned.templates_hash} -> {now.templates_hash})")
+    out = _version_reasons(winner.kind, tuned, now)
+    if winner.kind != "native":
+        out += _template_reasons(winner.family, tuned, now)
     return out
+
+
+def _full_diff(tuned: Fingerprint, now: Fingerprint) -> list[str]:
+    """Every fingerprint difference that matters to some winner of today's families: torch, triton, and the
+    templates of every family either fingerprint hashes (or the combined hash)."""
+    out = _version_reasons("triton", tuned, now)
+    if tuned.family_templates is None or now.family_templates is None:
+        return out + _combined_reasons(tuned, now)
+    names = {n for n, _ in tuned.family_templates + now.family_templates} & set(_variants.FAMILIES)
+    return out + [r for n in sorted(names) for r in _template_reasons(n, tuned, now)]
 
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """The ``device`` header of a config file: the loose key and the strict fingerprint it was tuned under."""
+    """The ``device`` header of a config file: the loose key and the strict fingerprint it was tuned under.
+    ``family_templates`` is ``None`` for a schema 1 header (written back as schema 1)."""
 
     key: str
     name: str
@@ -178,13 +258,24 @@ class DeviceInfo:
     driver: str | None
     templates_hash: str
     space_hash: str
+    family_templates: tuple[tuple[str, str], ...] | None
+
+    @property
+    def schema(self) -> int:
+        return 1 if self.family_templates is None else SCHEMA
 
     @property
     def fingerprint(self) -> Fingerprint:
-        return Fingerprint(torch=self.torch, triton=self.triton, templates_hash=self.templates_hash)
+        return Fingerprint(torch=self.torch, triton=self.triton, templates_hash=self.templates_hash,
+                           family_templates=self.family_templates)
 
     def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.family_templates is None:
+            del out["family_templates"]
+        else:
+            out["family_templates"] = dict(self.family_templates)
+        return out
 
 
 def _clean_text(s: str, limit: int = 200) -> str:
@@ -219,6 +310,7 @@ def this_device_info(device=None) -> DeviceInfo:
         driver=_clean_version(v["driver"]),
         templates_hash=templates_hash_for(key),
         space_hash=_variants.space_hash(),
+        family_templates=family_templates_for(key),
     )
 
 
@@ -323,7 +415,7 @@ class ConfigFile:
 
     def to_json(self) -> dict:
         return {
-            "schema": SCHEMA,
+            "schema": self.device.schema,
             "device": self.device.to_json(),
             "created": self.created,
             "tool": self.tool,
@@ -401,8 +493,22 @@ def _opt_text(v: Any, where: str, **kw) -> str | None:
     return None if v is None else _text(v, where, **kw)
 
 
-def _device(v: Any, where: str) -> DeviceInfo:
-    d = _obj(v, where, [f.name for f in fields(DeviceInfo)])
+def _family_templates(v: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """A {family: hash} object. Families unknown today (a newer version's) are kept, and never match a winner."""
+    if type(v) is not dict:
+        _fail(where, f"expected an object, got {type(v).__name__}")
+    if len(v) > MAX_FAMILIES:
+        _fail(where, f"more than {MAX_FAMILIES} families")
+    out = []
+    for k, h in v.items():
+        name = _text(k, f"{where} key", pattern=_FAMILY_RE, what="family name")
+        out.append((name, _text(h, f"{where}.{name}", pattern=_HASH_RE, what="hash")))
+    return tuple(sorted(out))
+
+
+def _device(v: Any, where: str, schema: int) -> DeviceInfo:
+    keys = [f.name for f in fields(DeviceInfo) if schema >= 2 or f.name != "family_templates"]
+    d = _obj(v, where, keys)
     return DeviceInfo(
         key=_text(d["key"], f"{where}.key", pattern=_KEY_RE, what="device key"),
         name=_text(d["name"], f"{where}.name", limit=256),
@@ -412,6 +518,7 @@ def _device(v: Any, where: str) -> DeviceInfo:
         driver=_opt_text(d["driver"], f"{where}.driver", pattern=_VERSION_RE, what="version"),
         templates_hash=_text(d["templates_hash"], f"{where}.templates_hash", pattern=_HASH_RE, what="hash"),
         space_hash=_text(d["space_hash"], f"{where}.space_hash", pattern=_HASH_RE, what="hash"),
+        family_templates=_family_templates(d["family_templates"], f"{where}.family_templates") if schema >= 2 else None,
     )
 
 
@@ -541,9 +648,10 @@ def parse(data: object, *, source: Path | str | None = None, warn: bool = True) 
     src = Path(source) if source is not None else None
     try:
         d = _obj(data, "file", ("schema", "device", "created", "tool", "vram_cap_gib", "entries"))
-        if type(d["schema"]) is not int or d["schema"] != SCHEMA:
-            _fail("schema", f"unsupported schema {_short(d['schema'])} (this version reads schema {SCHEMA})")
-        device = _device(d["device"], "device")
+        schema = d["schema"]
+        if type(schema) is not int or schema not in SCHEMAS_READ:
+            _fail("schema", f"unsupported schema {_short(schema)} (this version reads schemas {list(SCHEMAS_READ)})")
+        device = _device(d["device"], "device", schema)
         created = _text(d["created"], "created", pattern=_CREATED_RE, what="ISO-8601 UTC time")
         try:
             _dt.datetime.fromisoformat(created.replace("Z", "+00:00"))
@@ -851,11 +959,6 @@ def _compatible(e: Entry, tuned: DeviceInfo, header: DeviceInfo) -> bool:
     return not stale_reasons(e.winner, tuned.fingerprint, header.fingerprint)
 
 
-def _full_diff(tuned: Fingerprint, now: Fingerprint) -> list[str]:
-    """Every fingerprint difference, whatever the winner (a Triton winner is the one all three fields matter to)."""
-    return stale_reasons(Variant("triton"), tuned, now)
-
-
 def _merged_cap(caps: Iterable[float | None]) -> float | None:
     caps = list(caps)
     if not caps or any(c is None for c in caps):
@@ -868,8 +971,8 @@ def write_file(path: Path | str, cfg: ConfigFile, merge: bool = True) -> ConfigF
 
     ``merge=True``: the current file is re-read under the lock and its entries are kept unless ``cfg`` has the
     same bucket (the new entry replaces it). An old entry whose measurement conditions ``cfg.device`` would
-    misdescribe (other torch major.minor, or templates/triton where they matter for its winner) is dropped with
-    a :class:`ConfigWarning`. A current file for another device key raises :class:`ConfigError`. The merged
+    misdescribe (other torch major.minor, or triton or its family's templates where they matter for its winner)
+    is dropped with a :class:`ConfigWarning`. A current file for another device key raises :class:`ConfigError`. The merged
     ``vram_cap_gib`` is the loosest of the two (null if either is null).
     """
     path = Path(path)

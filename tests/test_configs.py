@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,21 @@ from noflash_tune.variants import FAMILIES, Variant, space_hash
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "test-dev"  # a device key no shipped file uses, so the shipped dir never interferes
-FP = C.Fingerprint(torch="2.5.1", triton="3.1.0", templates_hash="abc123")
+FP = C.Fingerprint(torch="2.5.1", triton="3.1.0", templates_hash="abc123",
+                   family_templates=(("torch_chunked", "c0ffee"), ("torch_inplace", "c0ffee"),
+                                     ("torch_online", "c0ffee"), ("triton", "7717a0")))
+
+
+def families(**changed) -> tuple:
+    """FP's per-family templates hashes, with ``changed`` ones (None: the family left out)."""
+    merged = {**dict(FP.family_templates), **changed}
+    return tuple(sorted((k, v) for k, v in merged.items() if v is not None))
 
 
 def device(**kw) -> C.DeviceInfo:
     base = dict(key=KEY, name="Test Device 9000", memory_bytes=16 << 30, torch=FP.torch, triton=FP.triton,
-                driver="12.4", templates_hash=FP.templates_hash, space_hash=space_hash())
+                driver="12.4", templates_hash=FP.templates_hash, space_hash=space_hash(),
+                family_templates=FP.family_templates)
     base.update(kw)
     return C.DeviceInfo(**base)
 
@@ -242,8 +252,19 @@ BAD = {
     "whitespace_only": lambda: "  \n",
     "not_utf8": lambda: b'{"schema": 1, "device": "\xff\xfe"}',
     "top_level_list": lambda: "[1, 2]",
-    "wrong_schema_version": _mut(lambda d: d.update(schema=2)),
-    "schema_as_string": _mut(lambda d: d.update(schema="1")),
+    "wrong_schema_version": _mut(lambda d: d.update(schema=3)),
+    "schema_as_string": _mut(lambda d: d.update(schema="2")),
+    "schema_1_with_family_templates": _mut(lambda d: d.update(schema=1)),
+    "schema_2_without_family_templates": _mut(lambda d: d["device"].pop("family_templates")),
+    "family_templates_not_an_object": _mut(lambda d: d["device"].update(family_templates=["triton", "7717a0"])),
+    "family_templates_null": _mut(lambda d: d["device"].update(family_templates=None)),
+    "family_templates_path_key": _mut(lambda d: d["device"]["family_templates"].update({"../../etc/passwd": "ab"})),
+    "family_templates_dunder_key": _mut(lambda d: d["device"]["family_templates"].update(__class__="ab")),
+    "family_templates_jinja_value": _mut(lambda d: d["device"]["family_templates"].update(triton="{{ 7*7 }}")),
+    "family_templates_not_a_hash": _mut(lambda d: d["device"]["family_templates"].update(triton="abcxyz")),
+    "family_templates_int_value": _mut(lambda d: d["device"]["family_templates"].update(triton=7717)),
+    "family_templates_too_many": _mut(lambda d: d["device"].update(
+        family_templates={f"family{i}": "ab" for i in range(C.MAX_FAMILIES + 1)})),
     "foreign_device": _mut(lambda d: d["device"].update(key="sm_90")),
     "string_where_int_belongs": _mut(lambda d: d["entries"][0]["bucket"].update(head_dim="64")),
     "bool_where_int_belongs": _mut(lambda d: d["entries"][0]["trials"].update(complete=True)),
@@ -268,7 +289,7 @@ BAD = {
     "negative_ms": _mut(lambda d: d["entries"][0].update(ms=-1.0)),
     "nan_ms": lambda: C.dump(cfgfile([entry()])).replace('"ms": 1.0', '"ms": NaN', 1),
     "huge_number": lambda: C.dump(cfgfile([entry()])).replace('"ms": 1.0', '"ms": 1e400', 1),
-    "duplicate_key": lambda: C.dump(cfgfile([entry()])).replace('"schema": 1', '"schema": 1, "schema": 1'),
+    "duplicate_key": lambda: C.dump(cfgfile([entry()])).replace('"schema": 2', '"schema": 2, "schema": 2'),
     "duplicate_bucket": _mut(lambda d: d["entries"].append(copy.deepcopy(d["entries"][0]))),
     "shape_not_in_bucket": _mut(lambda d: d["entries"][0]["shape"].update(L=5000, S=5000)),
     "seq_not_pow2": _mut(lambda d: d["entries"][0]["bucket"].update(seq_q=1000)),
@@ -398,14 +419,17 @@ def test_stale_marking_serves_but_flags_with_the_reason(tmp_path):
         return {e.winner.family: e.stale for e in cs.entries}
 
     assert stale(FP) == {"torch_chunked": "", "triton": "", "native:flash": ""}
-    assert stale(C.Fingerprint("2.5.0+cu124", "3.1.0", "abc123")) == {"torch_chunked": "", "triton": "",
-                                                                    "native:flash": ""}  # patch release only
-    s = stale(C.Fingerprint("2.6.0", "3.1.0", "abc123"))
+    assert stale(replace(FP, torch="2.5.0+cu124")) == {"torch_chunked": "", "triton": "",
+                                                      "native:flash": ""}  # patch release only
+    s = stale(replace(FP, torch="2.6.0"))
     assert all("torch 2.5" in r and "torch 2.6" in r for r in s.values())
-    s = stale(C.Fingerprint("2.5.1", "3.2.0", "abc123"))
+    s = stale(replace(FP, triton="3.2.0"))
     assert s["triton"] and "triton 3.1.0" in s["triton"] and not s["torch_chunked"] and not s["native:flash"]
-    s = stale(C.Fingerprint("2.5.1", "3.1.0", "def456"))
-    assert "templates" in s["triton"] and "templates" in s["torch_chunked"] and not s["native:flash"]
+    s = stale(replace(FP, templates_hash="def456", family_templates=families(triton="def456")))
+    assert s == {"triton": "templates of triton changed since tuning (7717a0 -> def456)", "torch_chunked": "",
+                 "native:flash": ""}
+    s = stale(replace(FP, templates_hash="def456", family_templates=families(torch_chunked="def456")))
+    assert "templates of torch_chunked changed" in s["torch_chunked"] and not s["triton"] and not s["native:flash"]
 
 
 def test_file_from_this_machine_is_fresh_by_default(tmp_path):
@@ -470,7 +494,8 @@ CHILD = textwrap.dedent("""
 
     def build(tag, n):
         dev = C.DeviceInfo(key="test-dev", name="T", memory_bytes=1, torch="2.5.1", triton="3.1.0", driver=None,
-                           templates_hash="abc123", space_hash=space_hash())
+                           templates_hash="abc123", space_hash=space_hash(),
+                           family_templates=(("torch_chunked", "c0ffee"), ("torch_online", "c0ffee")))
         cfg = C.ConfigFile(device=dev, created="2025-03-01T10:00:00Z", tool="noflash-tune 0.1.0",
                            vram_cap_gib=None)
         for i in range(n):
@@ -638,7 +663,8 @@ def test_export_writes_one_self_describing_merged_file(tmp_path):
     a, b, c = shape(L=64), shape(L=128), shape(L=256)
     C.write_file(tmp_path / "x" / f"{KEY}.json", cfgfile([entry(a, ms=1.0)], cap=8.0))
     C.write_file(tmp_path / "y" / f"{KEY}.json", cfgfile([entry(a, ms=2.0), entry(b, ms=2.0)], cap=4.0))
-    C.write_file(tmp_path / "z" / f"{KEY}.json", cfgfile([entry(c, ms=3.0)], dev=device(templates_hash="ffff")))
+    C.write_file(tmp_path / "z" / f"{KEY}.json", cfgfile([entry(c, ms=3.0)], dev=device(
+        templates_hash="ffff", family_templates=families(torch_online="ffff"))))
     out = tmp_path / "out" / "shared.json"
     rep = C.export(KEY, out, dirs=[tmp_path / "x", tmp_path / "y", tmp_path / "z"])
     got = C.load_file(out)
@@ -653,9 +679,10 @@ def test_export_writes_one_self_describing_merged_file(tmp_path):
         C.export(KEY, tmp_path / "none.json", dirs=[tmp_path / "empty"])
 
 
-def test_a_cpu_files_freshness_ignores_triton_templates_a_gpu_files_does_not(tmp_path, monkeypatch):
-    """Triton never serves on a CPU: editing a Triton template must not mark a CPU's tuned entries stale (nor reset
-    its studies), while a GPU's entries, which may hold Triton winners, follow every template."""
+@pytest.fixture
+def edit_template(tmp_path, monkeypatch):
+    """A copy of the templates folder that codegen reads instead; ``edit_template(name)`` appends a comment to one
+    of its templates (a new file if there is none) and forgets the template hashes computed so far."""
     from noflash_tune import codegen
 
     tdir = tmp_path / "templates"
@@ -665,20 +692,144 @@ def test_a_cpu_files_freshness_ignores_triton_templates_a_gpu_files_does_not(tmp
     def edit(name):
         with open(tdir / name, "a") as f:
             f.write("{# an edit #}\n")
-        codegen.templates_hash.cache_clear()
+        codegen.clear_hash_caches()
 
-    codegen.templates_hash.cache_clear()
-    try:
-        cpu, gpu = C.templates_hash_for("cpu-x86_64"), C.templates_hash_for("sm_90")
-        edit("triton/attention_fwd.py.j2")
-        assert C.templates_hash_for("cpu-x86_64") == cpu and C.templates_hash_for("sm_90") != gpu
-        gpu = C.templates_hash_for("sm_90")
-        edit("torch/_blocks.py.j2")  # an include the tiers share
-        assert C.templates_hash_for("cpu-x86_64") != cpu and C.templates_hash_for("sm_90") != gpu
-        # What marks entries stale: a CPU file written before the Triton edit is still fresh after it.
-        fp = C.Fingerprint(torch="2.5.1", triton=None, templates_hash=C.templates_hash_for("cpu-x86_64"))
-        edit("triton/_shared.py.j2")
-        now = C.Fingerprint(torch="2.5.1", triton=None, templates_hash=C.templates_hash_for("cpu-x86_64"))
-        assert not C.stale_reasons(Variant("torch_chunked"), fp, now)
-    finally:
-        codegen.templates_hash.cache_clear()
+    codegen.clear_hash_caches()
+    yield edit
+    codegen.clear_hash_caches()
+
+
+def templates_now(device_key: str) -> C.Fingerprint:
+    """FP with the templates hashes of the (copied) templates folder now."""
+    return replace(FP, templates_hash=C.templates_hash_for(device_key),
+                   family_templates=C.family_templates_for(device_key))
+
+
+def test_a_cpu_files_freshness_ignores_triton_templates_a_gpu_files_does_not(edit_template):
+    """Triton never serves on a CPU: editing a Triton template must not mark a CPU's tuned entries stale (nor reset
+    its studies), while a GPU's entries, which may hold Triton winners, follow every template."""
+    assert [n for n, _ in C.family_templates_for("cpu-x86_64")] == ["torch_chunked", "torch_inplace", "torch_online"]
+    assert [n for n, _ in C.family_templates_for("sm_90")] == ["torch_chunked", "torch_inplace", "torch_online",
+                                                                "triton"]
+    cpu, gpu = C.templates_hash_for("cpu-x86_64"), C.templates_hash_for("sm_90")
+    edit_template("triton/attention_fwd.py.j2")
+    assert C.templates_hash_for("cpu-x86_64") == cpu and C.templates_hash_for("sm_90") != gpu
+    gpu = C.templates_hash_for("sm_90")
+    edit_template("torch/_blocks.py.j2")  # an include the tiers share
+    assert C.templates_hash_for("cpu-x86_64") != cpu and C.templates_hash_for("sm_90") != gpu
+    # What marks entries stale: a CPU file written before the Triton edit is still fresh after it.
+    fp = C.Fingerprint(torch="2.5.1", triton=None, templates_hash=C.templates_hash_for("cpu-x86_64"))
+    edit_template("triton/_shared.py.j2")
+    now = C.Fingerprint(torch="2.5.1", triton=None, templates_hash=C.templates_hash_for("cpu-x86_64"))
+    assert not C.stale_reasons(Variant("torch_chunked"), fp, now)
+
+
+TEMPLATED = ("torch_chunked", "torch_online", "torch_inplace", "triton")
+
+
+def test_a_new_template_file_leaves_every_familys_entries_fresh(edit_template):
+    """A new family's own template (beside Triton's) changes the combined hash, and no existing family's."""
+    tuned = templates_now("sm_90")
+    edit_template("triton/attention_varlen.py.j2")
+    now = templates_now("sm_90")
+    assert now.templates_hash != tuned.templates_hash
+    assert {f: C.stale_reasons(Variant(f), tuned, now) for f in TEMPLATED} == {f: [] for f in TEMPLATED}
+
+
+def test_a_template_edit_stales_only_the_families_rendered_from_it(edit_template, tmp_path):
+    def stale_after(name):
+        tuned = templates_now("sm_90")
+        edit_template(name)
+        now = templates_now("sm_90")
+        return {f for f in TEMPLATED if C.stale_reasons(Variant(f), tuned, now)}
+
+    assert stale_after("triton/attention_fwd.py.j2") == {"triton"}
+    assert stale_after("triton/_shared.py.j2") == {"triton"}  # a partial Triton's templates import
+    assert stale_after("torch/_blocks.py.j2") == {"torch_chunked", "torch_online", "torch_inplace"}
+    assert stale_after("torch/chunked.py.j2") == {"torch_chunked"}
+    # Through a file: the reason names the family and both hashes.
+    info = C.this_device_info("cpu")
+    es = [entry(shape(L=64), winner=Variant("torch_chunked")), entry(shape(L=128), winner=Variant("torch_online"))]
+    C.write_file(tmp_path / f"{info.key}.json", C.ConfigFile.new(info, entries=es))
+    before = dict(info.family_templates)["torch_chunked"]
+    edit_template("torch/chunked.py.j2")
+    after = dict(C.family_templates_for(info.key))["torch_chunked"]
+    cs = C.load_for_device(info.key, [tmp_path])
+    assert {e.winner.family: e.stale for e in cs.entries} == {
+        "torch_chunked": f"templates of torch_chunked changed since tuning ({before} -> {after})", "torch_online": ""}
+
+
+def test_a_schema_1_file_loads_and_follows_the_combined_hash(tmp_path):
+    doc = good_doc()
+    doc["schema"] = 1
+    del doc["device"]["family_templates"]
+    path = write_raw(tmp_path / "a" / f"{KEY}.json", doc)
+    cfg = C.load_file(path)
+    assert cfg.device.family_templates is None and cfg.device.fingerprint.family_templates is None
+    assert C.dump(cfg) == json.dumps(doc, sort_keys=True, indent=1) + "\n"  # written back as it was: schema 1
+
+    def stale(now):
+        cs, ws = load_counting([path.parent], fingerprint=now)
+        assert ws == []
+        return {e.winner.family: e.stale for e in cs.entries}
+
+    assert stale(FP) == {"torch_online": "", "triton": ""}
+    changed = "templates changed since tuning (abc123 -> def456)"
+    assert stale(replace(FP, templates_hash="def456")) == {"torch_online": changed, "triton": changed}
+    # A schema 2 header with another combined hash would misdescribe every entry made from a template.
+    with pytest.warns(C.ConfigWarning, match="another fingerprint"):
+        C.write_file(path, cfgfile([entry(shape(L=64), winner=Variant("native:flash"))],
+                                   dev=device(templates_hash="def456")))
+    got = C.load_file(path)
+    assert got.device.family_templates == FP.family_templates and len(got.entries) == 1
+
+
+def test_family_templates_name_unknown_families_and_leave_out_missing_ones(tmp_path):
+    """A family unknown today (a newer version's) is accepted and never matched; a winner whose family the file
+    does not hash was tuned before its templates existed."""
+    d = good_doc()
+    d["device"]["family_templates"]["triton_varlen"] = "0123"
+    del d["device"]["family_templates"]["triton"]
+    cs, ws = load_counting([write_raw(tmp_path / f"{KEY}.json", d).parent])
+    assert ws == [] and cs.loaded[0].device.fingerprint.family_hash("triton_varlen") == "0123"
+    assert {e.winner.family: e.stale for e in cs.entries} == {
+        "torch_online": "", "triton": "tuned before family triton's templates existed"}
+    assert C.dump(cs.loaded[0]) == json.dumps(d, sort_keys=True, indent=1) + "\n"
+
+
+@pytest.mark.parametrize("bad", [(("../x", "ab"),), (("__class__", "ab"),), (("triton", "{{ 1 }}"),),
+                                 (("triton", "xyz"),), tuple((f"f{i}", "ab") for i in range(C.MAX_FAMILIES + 1))])
+def test_dump_refuses_a_hostile_family_templates_header(bad):
+    with pytest.raises(C.ConfigError, match="family_templates"):
+        C.dump(cfgfile([entry()], dev=device(family_templates=bad)))
+
+
+def test_a_merge_keeps_the_entries_of_families_whose_templates_hash_matches(tmp_path):
+    path = tmp_path / f"{KEY}.json"
+    C.write_file(path, cfgfile([entry(shape(L=64), winner=Variant("triton")),
+                                entry(shape(L=128), winner=Variant("torch_chunked")),
+                                entry(shape(L=256), winner=Variant("torch_online"))]))
+    new = device(templates_hash="def456", family_templates=families(torch_chunked="def456"))
+    with pytest.warns(C.ConfigWarning, match=r"templates of torch_chunked changed since tuning \(c0ffee -> def456\)"):
+        C.write_file(path, cfgfile([entry(shape(L=512))], dev=new))
+    got = C.load_file(path)
+    assert got.device == new
+    assert {e.bucket.seq_q: e.winner.family for e in got.entries.values()} == {
+        64: "triton", 256: "torch_online", 512: "torch_online"}
+
+
+def test_import_takes_this_machines_header_when_one_familys_templates_differ(tmp_path):
+    """The destination's header differs from this machine's only in the chunked tier's templates: it is not this
+    machine's fingerprint, so a fresh incoming file's header replaces it, and only the chunked entry goes."""
+    dest = tmp_path / "dest"
+    a, b, c = shape(L=64), shape(L=128), shape(L=256)
+    old = device(templates_hash="0dd", family_templates=families(torch_chunked="0dd"))
+    C.write_file(dest / f"{KEY}.json", cfgfile([entry(a, winner=Variant("triton")),
+                                                entry(b, winner=Variant("torch_chunked"))], dev=old))
+    src = tmp_path / "in.json"
+    C.write_file(src, cfgfile([entry(c)]))
+    rep = C.import_file(src, dest, fingerprint=FP)
+    got = C.load_file(dest / f"{KEY}.json")
+    assert got.device.fingerprint == FP
+    assert [k for k, _ in rep.dropped] == [b.bucket().key] and [k for k, _ in rep.added] == [c.bucket().key]
+    assert sorted(e.winner.family for e in got.entries.values()) == ["torch_online", "triton"]
