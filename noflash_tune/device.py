@@ -192,10 +192,50 @@ def hopper_or_later(dev) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(dev)[0] >= 9
 
 
+# Head dims up to this are left to the fused kernels by triton_chunked's pruning: storing the scores costs them an
+# HBM round trip a score (on an H200 at D=128 the family ran at 242 TFLOP/s, the fused kernel at 500; bench/NOTES.md).
+CHUNKED_MIN_HEAD_DIM = 256
+
+
+def _shared_memory_bytes(call: "Call") -> int:
+    return shared_memory_limit(call.q.device.index or 0) if call.q.device.type == "cuda" else 232448
+
+
+def triton_chunked_prune_reason(v: "Variant", call: "Call") -> str:
+    """Analytic pruning of a ``triton_chunked`` config before any launch ('' = keep)."""
+    from .variants import _next_pow2
+
+    p = v.params
+    d = max(call.E, call.Ev)
+    if d < CHUNKED_MIN_HEAD_DIM:
+        return (f"head dim {d} < {CHUNKED_MIN_HEAD_DIM}: a fused kernel keeps the scores on chip, this family stores "
+                "them (an HBM round trip a score)")
+    if p["block_m"] > max(_next_pow2(call.L), 256):
+        return f"block_m={p['block_m']} exceeds the {call.L} query rows"
+    rows = min(p["block_m"], call.L) * call.groups
+    bm, bn, bd, nw = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_D"], p["num_warps"]
+    if bm > max(_next_pow2(rows), 32):
+        return f"BLOCK_M={bm} > the {rows} rows of a query block"
+    if bn > max(_next_pow2(call.S), 16):
+        return f"BLOCK_N={bn} > the {call.S} keys"
+    if bd > max(_next_pow2(call.Ev), 64):
+        return f"BLOCK_D={bd} > the value head dim {call.Ev}"
+    if bm * bd > 128 * nw * 32:
+        return f"a {bm}x{bd} fp32 accumulator over {nw} warps is over 128 registers a thread"
+    elt = call.q.element_size()
+    smem = p["num_stages"] * (bn * bd + bm * bn) * elt
+    limit = _shared_memory_bytes(call)
+    if smem > limit:
+        return f"shared memory ~{smem // 1024} KiB > the device's {limit // 1024} KiB"
+    return ""
+
+
 def triton_prune_reason(v: "Variant", call: "Call") -> str:
     """Analytic pruning of a Triton config before any launch ('' = keep)."""
     from .variants import _next_pow2
 
+    if v.family == "triton_chunked":
+        return triton_chunked_prune_reason(v, call)
     p = v.params
     bm, bn, bd = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_D"]
     d = max(call.E, call.Ev)
@@ -225,7 +265,7 @@ def triton_prune_reason(v: "Variant", call: "Call") -> str:
         return "fp16 compute is a choice for bf16 input only"
     elt = 4 if call.q.dtype == torch.float32 and p["compute"] == "input" else 2
     e_pad, ev_pad = _next_pow2(max(call.E, 16)), _next_pow2(max(call.Ev, 16))
-    limit = shared_memory_limit(call.q.device.index or 0) if call.q.device.type == "cuda" else 232448
+    limit = _shared_memory_bytes(call)
     stages = p["num_stages"]
     if bd:
         # split-D forward: Q stays resident only while it fits in 64 KiB; K/V tiles are pipelined.

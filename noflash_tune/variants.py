@@ -82,6 +82,15 @@ def _triton_reasons(call: "Call") -> list[str]:
     return out
 
 
+def _triton_chunked_reasons(call: "Call") -> list[str]:
+    out = _triton_reasons(call)
+    if call.needs_grad:
+        out.append("inference only: an input requires grad")
+    if call.dropout_p > 0:
+        out.append("inference only: dropout_p > 0")
+    return out
+
+
 def _native_reasons(backend: str) -> Callable[["Call"], list[str]]:
     def reasons(call: "Call") -> list[str]:
         from . import device as _device
@@ -144,6 +153,20 @@ _register(Family(
     templates=("triton/attention_fwd.py.j2", "triton/attention_bwd.py.j2"),
     reasons_fn=_triton_reasons,
 ))
+_register(Family(
+    name="triton_chunked",
+    kind="triton",
+    space={"block_m": (256, 512, 1024, 2048, 4096), "BLOCK_M": (32, 64, 128), "BLOCK_N": (16, 32, 64, 128),
+           "BLOCK_D": (64, 128, 256, 512), "num_warps": (4, 8), "num_stages": (1, 2, 3, 4),
+           "accumulation": ("fp32",)},
+    # Tier 1's query blocks (block_m rows) with the scores from the BLAS GEMM and the softmax fused into the
+    # P @ V kernel (BLOCK_M x BLOCK_N tiles of the stored scores, BLOCK_D output columns a program). Inference only.
+    defaults={"block_m": 2048, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 256, "num_warps": 4, "num_stages": 2,
+              "accumulation": "fp32"},
+    templates=("triton/chunked_fwd.py.j2",),
+    autograd=False,
+    reasons_fn=_triton_chunked_reasons,
+))
 for _b in NATIVE_BACKENDS:
     _register(Family(name=f"native:{_b}", kind="native", space={}, defaults={}, reasons_fn=_native_reasons(_b)))
 
@@ -171,6 +194,10 @@ TRITON_SEEDS_BWD = {
     "split": ((64, 64, 8, 1, 128, 0), (32, 32, 4, 2, 128, 0), (64, 16, 8, 2, 128, 0), (32, 64, 4, 2, 128, 0),
               (64, 32, 8, 1, 128, 0)),
 }
+# triton_chunked tiles that measured best on an H200 at D=512 and 1024 (bench/NOTES.md, round 6), as
+# (block_m, BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
+TRITON_CHUNKED_SEEDS = ((2048, 64, 64, 512, 8, 3), (4096, 64, 64, 512, 8, 3), (2048, 64, 32, 256, 8, 3),
+                        (1024, 64, 64, 512, 8, 3), (2048, 64, 32, 256, 4, 3), (2048, 128, 64, 256, 8, 3))
 # The query-chunked tier on a GPU, as (block_m, streams): large blocks give its P @ V GEMM enough output tiles to
 # fill the chip, and a second stream overlaps one block's softmax with the next block's GEMMs (bench/NOTES.md).
 CHUNKED_SEEDS_GPU = ((1024, 2), (2048, 2), (512, 2), (1024, 1))
@@ -191,9 +218,9 @@ def triton_seed_tiles(head_dim: int, grad: bool) -> list[tuple]:
 
 def seed_variants(family: str, call: "Call") -> list["Variant"]:
     """What the tuner measures first for ``family``: its defaults, then the seeds for this call (Triton's tiles
-    for its head dim; the chunked tier's GPU blocks)."""
+    for its head dim; the chunked tiers' GPU blocks)."""
     out = [Variant(family)]
-    if FAMILIES[family].kind == "triton":
+    if family == "triton":
         tiles = triton_seed_tiles(max(call.E, call.Ev), call.needs_grad)
         if call.mask_kind != "none" or call.groups > 1:
             # Tensor-map loads won by ~5% with a key-padding mask and with GQA (bench/NOTES.md, round 3): there
@@ -201,6 +228,9 @@ def seed_variants(family: str, call: "Call") -> list["Variant"]:
             tiles.sort(key=lambda t: t[5] != 1)
         out += [Variant(family, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
                 for bm, bn, nw, ns, bd, tma in tiles]
+    elif family == "triton_chunked":
+        out += [Variant(family, block_m=c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw, num_stages=ns)
+                for c, bm, bn, bd, nw, ns in TRITON_CHUNKED_SEEDS]
     elif family == "torch_chunked" and call.q.device.type == "cuda":
         if call.needs_grad:  # the forward's P kept for the backward: one GEMM and two passes a block less
             out += [Variant(family, block_m=bm, streams=st, keep_p=1) for bm, st in CHUNKED_SEEDS_GPU[:2]]

@@ -27,7 +27,7 @@ triton = pytest.importorskip("triton")
 from noflash_tune.codegen import Specialization, load  # noqa: E402
 from noflash_tune.contract import normalize  # noqa: E402
 from noflash_tune.measure import math_attention  # noqa: E402
-from noflash_tune.runtime.triton_op import params_key, triton_attention  # noqa: E402
+from noflash_tune.runtime.triton_op import params_key, triton_attention, triton_chunked_attention  # noqa: E402
 from noflash_tune.variants import Variant  # noqa: E402
 
 DEV = "cpu" if INTERPRET else "cuda"
@@ -101,7 +101,10 @@ def _run_case(B, H, Hkv, L, S, E, Ev, dtype, causal=False, bottom_right=False, m
                      enable_gqa=groups > 1)
     if bottom_right:  # the contract has no bottom-right flag; the kernel's specialisation does
         call.causal = True
-    out = triton_attention(call, variant, causal_bottom_right=bottom_right)
+    if variant.family == "triton_chunked":
+        out = triton_chunked_attention(call, variant)
+    else:
+        out = triton_attention(call, variant, causal_bottom_right=bottom_right)
     assert out.shape == (B, H, L, Ev) and out.dtype == dtype
 
     ref_in = [t.detach().double().requires_grad_(grad) for t in (q, k, v)]
@@ -197,6 +200,42 @@ def test_gqa(mask_kind, request):
     if mask_kind == "bool":
         m = (torch.rand(1, 6, 25, 30, generator=torch.Generator().manual_seed(4)) > 0.3)
     _run_case(1, 6, 2, 25, 30, 16, 16, torch.float32, mask=m)
+
+
+CHUNKED_TILE = dict(block_m=256, BLOCK_M=32, BLOCK_N=16, BLOCK_D=64, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("case", ["odd-ev", "fp16", "causal-gqa-2-blocks", "causal-nq<nk", "ev-2-tiles",
+                                  "key-padding-gqa", "float-mask-2d", "blhe-bool-mask"])
+def test_triton_chunked_matches_the_rule(case):
+    """triton_chunked (inference): BLAS scores per query block, then the fused softmax @ V kernel. Odd lengths,
+    Ev != E and Ev over two ragged column tiles, causal with L > S across two query blocks (GQA rows stacked) and
+    L < S, bool and float masks through broadcast strides (a batch with no key outputs 0), a (B, L, H, E) layout."""
+    g = torch.Generator().manual_seed(5)
+    kw, args = {}, (2, 2, 2, 37, 45, 24, 40, torch.float32)
+    if case == "fp16":
+        args = (1, 2, 2, 37, 45, 24, 24, torch.float16)
+    elif case == "causal-gqa-2-blocks":
+        args, kw = (1, 4, 2, 300, 130, 16, 16, torch.float32), dict(causal=True)
+    elif case == "causal-nq<nk":
+        args, kw = (1, 2, 2, 29, 53, 32, 32, torch.float16), dict(causal=True)
+    elif case == "ev-2-tiles":
+        args = (1, 2, 1, 21, 33, 16, 100, torch.float32)
+    elif case == "key-padding-gqa":
+        idx = torch.arange(40)
+        m = torch.stack([(idx >= 5) & (idx < 25), idx < 0, idx >= 18])[:, None, None, :]  # (3,1,1,S)
+        args, kw = (3, 4, 2, 21, 40, 16, 16, torch.float32), dict(mask=m)
+    elif case == "float-mask-2d":
+        m = torch.randn(27, 38, generator=g)
+        m[5, :] = float("-inf")
+        args, kw = (2, 2, 2, 27, 38, 16, 16, torch.float32), dict(mask=m)
+    else:
+        args, kw = (2, 3, 3, 19, 33, 16, 16, torch.float32), dict(layout="blhe", mask=torch.rand(2, 3, 19, 33, generator=g) > 0.4)
+    out = _run_case(*args, grad=False, variant=Variant("triton_chunked", **CHUNKED_TILE), **kw)
+    if case == "key-padding-gqa":
+        assert out[1].abs().max().item() == 0
+    if case == "float-mask-2d":
+        assert out[:, :, 5].abs().max().item() == 0
 
 
 @pytest.mark.parametrize("tma", [1, 2])
@@ -515,6 +554,34 @@ def test_gpu_real_sizes(case, dtype):
         m = torch.randn(N, N) * 2
     torch.cuda.empty_cache()
     _run_case(B, H, Hkv, N, N, D, D, dtype, causal=causal, mask=m, grad=grad, variant=Variant("triton", **params))
+
+
+_GPU_CHUNKED_CASES = [
+    # (B, H, Hkv, L, S, D, causal, mask, variant params): the seeds' tiles, ragged blocks, GQA, masks
+    (2, 8, 8, 4096, 4096, 512, False, None, dict(BLOCK_D=512, num_warps=8, num_stages=3)),
+    (1, 8, 2, 3001, 3001, 512, True, None, dict(block_m=1024, BLOCK_N=32, num_warps=8, num_stages=3)),
+    (2, 4, 4, 2500, 4096, 1024, True, None, dict(BLOCK_D=512, num_warps=8, num_stages=3)),
+    (2, 4, 4, 3000, 3000, 512, False, "pad", dict(block_m=4096, BLOCK_D=512, num_warps=8, num_stages=3)),
+    (1, 4, 4, 2048, 2048, 768, False, "float", dict(BLOCK_M=128, BLOCK_D=256, num_warps=8, num_stages=3)),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", _GPU_CHUNKED_CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}S{c[4]}D{c[5]}"
+                         f"{'c' if c[6] else ''}{c[7] or ''}")
+def test_gpu_triton_chunked_real_sizes(case, dtype):
+    B, H, Hkv, L, S, D, causal, mask, params = case
+    m = None
+    if mask == "pad":
+        lengths = torch.randint(S // 2, S + 1, (B,))
+        m = (torch.arange(S)[None, :] < lengths[:, None])[:, None, None, :]
+    elif mask == "float":
+        m = torch.randn(L, S) * 2
+    torch.cuda.empty_cache()
+    _run_case(B, H, Hkv, L, S, D, D, dtype, causal=causal, mask=m, grad=False,
+              variant=Variant("triton_chunked", **params))
 
 
 @pytest.mark.gpu

@@ -49,6 +49,9 @@ def workspace_bytes(variant: Variant, call) -> int:
         if backend == "math":
             return out + B * H * L * S * 4 * (3 if call.needs_grad else 2)
         return out
+    if variant.family == "triton_chunked":  # one reused score block in the input dtype
+        rows = min(variant.params["block_m"], L)
+        return out + B * H * rows * S * _elt(call.dtype) + B * call.Hkv * S * (E + Ev) * _elt(call.dtype)
     if variant.kind == "triton":
         return out
     p = variant.params
@@ -75,6 +78,10 @@ def run_variant(variant: Variant, call) -> torch.Tensor:
     """Run exactly ``variant`` (no fallback); returns (B, H, L, Ev)."""
     if variant.kind == "native":
         return run_native(call, variant.family.split(":", 1)[1])
+    if variant.family == "triton_chunked":
+        from .triton_op import triton_chunked_attention
+
+        return triton_chunked_attention(call, variant)
     if variant.kind == "triton":
         from .triton_op import triton_attention
 
@@ -86,9 +93,10 @@ def run_variant(variant: Variant, call) -> torch.Tensor:
 
 def halvings(variant: Variant, call) -> list[Variant]:
     """The same family with less memory: first without the kept P (keep_p=0 recomputes it, the largest saving),
-    then its row block halved (then its key block), down to 32 rows / 64 keys."""
+    then its row block halved (then its key block), down to the smallest in its space (32 rows, 64 keys for the
+    PyTorch tiers; 256 rows for triton_chunked's score block)."""
     out = []
-    if variant.kind != "torch":
+    if variant.kind != "torch" and variant.family != "triton_chunked":
         return out
     v = variant
     if v.params.get("keep_p"):
@@ -96,7 +104,7 @@ def halvings(variant: Variant, call) -> list[Variant]:
         out.append(v)
     while True:
         p = v.params
-        if p["block_m"] > 32:
+        if p["block_m"] > min(v.spec.space["block_m"]):
             v = v.replace(block_m=p["block_m"] // 2)
         elif p.get("block_n", 0) > 64:
             v = v.replace(block_n=p["block_n"] // 2)

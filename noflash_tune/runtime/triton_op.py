@@ -21,19 +21,19 @@ from torch import Tensor
 from ..codegen import Specialization, load
 from ..variants import Variant
 
-__all__ = ["triton_attention", "params_key", "modules"]
+__all__ = ["triton_attention", "triton_chunked_attention", "params_key", "modules"]
 
 
-def params_key(variant: Variant) -> str:
+def params_key(variant: Variant, family: str = "triton") -> str:
     """The canonical string a variant's parameters travel as through the custom ops."""
-    if variant.family != "triton":
-        raise ValueError(f"triton_attention serves the triton family, not {variant.family}")
+    if variant.family != family:
+        raise ValueError(f"this op serves the {family} family, not {variant.family}")
     return json.dumps(variant.params, sort_keys=True, separators=(",", ":"))
 
 
 @lru_cache(maxsize=256)
-def _variant(params: str) -> Variant:
-    return Variant.from_json({"family": "triton", "params": json.loads(params)})
+def _variant(params: str, family: str = "triton") -> Variant:
+    return Variant.from_json({"family": family, "params": json.loads(params)})
 
 
 def draw_device_seed(device) -> Tensor:
@@ -134,3 +134,27 @@ def triton_attention(call, variant: Variant, causal_bottom_right: bool = False) 
                                                bool(call.causal), bool(causal_bottom_right), params_key(variant),
                                                need_lse, dropout_p, seed)
     return out
+
+
+@torch.library.custom_op("noflash_tune::triton_chunked_fwd", mutates_args=())
+def triton_chunked_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+                       params: str) -> Tensor:
+    """The ``triton_chunked`` family's output (B,H,L,Ev) in q.dtype (inference only: no autograd formula)."""
+    spec = Specialization(causal=bool(causal), mask=_mask_kind(mask), gqa=q.shape[1] != k.shape[1])
+    out, _ = load(_variant(params, "triton_chunked"), spec, 0).forward(q, k, v, mask, scale, 0.0, None, False)
+    return out
+
+
+@triton_chunked_fwd.register_fake
+def _triton_chunked_fwd_fake(q, k, v, mask, scale, causal, params):
+    B, H, L, _ = q.shape
+    return q.new_empty((B, H, L, v.shape[-1]))
+
+
+def triton_chunked_attention(call, variant: Variant) -> Tensor:
+    """Run ``variant`` (family ``triton_chunked``) on a normalised Call: inference only (``variants`` rejects a
+    call that needs grad or dropout)."""
+    if call.needs_grad or call.dropout_p > 0:
+        raise NotImplementedError("triton_chunked is inference only (no grad, no dropout)")
+    return torch.ops.noflash_tune.triton_chunked_fwd(call.q, call.k, call.v, call.mask, float(call.scale),
+                                                     bool(call.causal), params_key(variant, "triton_chunked"))
