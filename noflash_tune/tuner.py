@@ -15,6 +15,7 @@ of this host are marked failed and re-enqueued. The product is small and determi
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -350,8 +351,12 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
         kept = set(cands.kept)
         call = shape.planning_call(opts.device)
         first = [v for v in cands.kept if v.kind == "native"] if exhaustive else []
-        for name in sorted(by_family, key=lambda n: ENQUEUE_ORDER.index(FAMILIES[n].kind)):
-            first += [v for v in variants.seed_variants(name, call) if v in kept]
+        # Every family's defaults, then the families' seeds taken in turn (each one's best-known tile before any
+        # family's second): a deadline then cuts every family's tail, not the whole of the last family listed.
+        lists = [[v for v in variants.seed_variants(name, call) if v in kept]
+                 for name in sorted(by_family, key=lambda n: ENQUEUE_ORDER.index(FAMILIES[n].kind))]
+        first += [vs[0] for vs in lists if vs]
+        first += [v for turn in itertools.zip_longest(*(vs[1:] for vs in lists)) for v in turn if v is not None]
         for v in first:
             params = ({CATEGORICAL: variant_id(v)} if exhaustive else
                       {"family": v.family, **{f"{v.family}.{k}": val for k, val in v.params.items()
