@@ -190,6 +190,31 @@ def test_a_batch_skips_the_seeds_of_a_family_its_defaults_found_far_behind(tmp_p
     assert {variant_id(v) for v in extra} <= skipped
 
 
+def test_a_study_times_every_familys_defaults_then_the_families_seeds_in_turn(tmp_path, monkeypatch):
+    """A deadline must not cut a whole family: after every family's defaults, the seeds alternate family by family
+    (at D=512 triton_chunked's best tile came after all of the split-D kernel's seeds and was never timed)."""
+    monkeypatch.setattr(tuner, "EXHAUSTIVE_MAX", 0)
+    extra = {"torch_chunked": [Variant("torch_chunked", block_m=m) for m in (32, 64, 128)],
+             "torch_online": [Variant("torch_online", block_m=m) for m in (32, 64)]}
+    real_seeds = variants.seed_variants
+    monkeypatch.setattr(variants, "seed_variants", lambda name, call: real_seeds(name, call) + extra.get(name, []))
+    runner = OnlineFarBehind()
+    runner.run = lambda variant, shape, cap, budget_ms: (runner.ran.append((shape, variant)) or
+                                                         {"status": "ok", "ms": 1.0, "peak_bytes": 0})
+    shape = Shape(B=1, H=2, L=300, E=16, dtype="fp32")
+    opts = tuner.TuneOptions(device="cpu", in_process=True, budget_ms=2, storage=f"journal:{tmp_path / 'j.log'}",
+                             trials=14)
+    tuner.search(shape, opts, tuner.open_storage(opts.storage), runner=runner)
+    ours = [v for _, v in runner.ran if v.kind != "native"]
+    defaults = {Variant(n) for n in ("torch_chunked", "torch_online", "torch_inplace")}
+    assert set(ours[:3]) == defaults
+    seeds = ours[3:8]
+    assert [v.family for v in seeds] == ["torch_chunked", "torch_online", "torch_chunked", "torch_online",
+                                         "torch_chunked"]
+    assert seeds == [extra["torch_chunked"][0], extra["torch_online"][0], extra["torch_chunked"][1],
+                     extra["torch_online"][1], extra["torch_chunked"][2]]
+
+
 def test_triton_seeds_put_tensor_map_tiles_first_for_masks_and_gqa():
     """Where tensor-map loads measured faster (a key-padding mask, GQA) their tiles are timed before the others,
     so a short share still reaches them; elsewhere the seeds keep their listed order."""
