@@ -56,13 +56,17 @@ def _common_torch_reasons(call: "Call") -> list[str]:
     return out
 
 
-def _inplace_reasons(call: "Call") -> list[str]:
-    out = _common_torch_reasons(call)
+def _inference_only_reasons(call: "Call") -> list[str]:
+    out = []
     if call.needs_grad:
         out.append("inference only: an input requires grad")
     if call.dropout_p > 0:
         out.append("inference only: dropout_p > 0")
     return out
+
+
+def _inplace_reasons(call: "Call") -> list[str]:
+    return _common_torch_reasons(call) + _inference_only_reasons(call)
 
 
 def _triton_reasons(call: "Call") -> list[str]:
@@ -83,12 +87,7 @@ def _triton_reasons(call: "Call") -> list[str]:
 
 
 def _triton_chunked_reasons(call: "Call") -> list[str]:
-    out = _triton_reasons(call)
-    if call.needs_grad:
-        out.append("inference only: an input requires grad")
-    if call.dropout_p > 0:
-        out.append("inference only: dropout_p > 0")
-    return out
+    return _triton_reasons(call) + _inference_only_reasons(call)
 
 
 def _native_reasons(backend: str) -> Callable[["Call"], list[str]]:

@@ -525,6 +525,16 @@ def test_opcheck():
 
 gpu = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs CUDA (and no interpreter)")
 
+def _gpu_mask(kind, B, L, S):
+    """None, a key-padding bool mask (B,1,1,S) with random lengths, or a float mask (L,S) broadcast over B and H."""
+    if kind == "pad":
+        lengths = torch.randint(S // 2, S + 1, (B,))
+        return (torch.arange(S)[None, :] < lengths[:, None])[:, None, None, :]
+    if kind == "float":
+        return torch.randn(L, S) * 2
+    return None
+
+
 _GPU_CASES = [
     # (B, H, Hkv, N, D, causal, mask, grad, variant params)
     (2, 4, 4, 4096, 64, False, None, True, dict(BLOCK_M=128, BLOCK_N=64)),
@@ -546,14 +556,9 @@ _GPU_CASES = [
                          f"{'c' if c[5] else ''}{c[6] or ''}{'g' if c[7] else ''}")
 def test_gpu_real_sizes(case, dtype):
     B, H, Hkv, N, D, causal, mask, grad, params = case
-    m = None
-    if mask == "pad":
-        lengths = torch.randint(N // 2, N + 1, (B,))
-        m = (torch.arange(N)[None, :] < lengths[:, None])[:, None, None, :]
-    elif mask == "float":
-        m = torch.randn(N, N) * 2
     torch.cuda.empty_cache()
-    _run_case(B, H, Hkv, N, N, D, D, dtype, causal=causal, mask=m, grad=grad, variant=Variant("triton", **params))
+    _run_case(B, H, Hkv, N, N, D, D, dtype, causal=causal, mask=_gpu_mask(mask, B, N, N), grad=grad,
+              variant=Variant("triton", **params))
 
 
 _GPU_CHUNKED_CASES = [
@@ -573,14 +578,8 @@ _GPU_CHUNKED_CASES = [
                          f"{'c' if c[6] else ''}{c[7] or ''}")
 def test_gpu_triton_chunked_real_sizes(case, dtype):
     B, H, Hkv, L, S, D, causal, mask, params = case
-    m = None
-    if mask == "pad":
-        lengths = torch.randint(S // 2, S + 1, (B,))
-        m = (torch.arange(S)[None, :] < lengths[:, None])[:, None, None, :]
-    elif mask == "float":
-        m = torch.randn(L, S) * 2
     torch.cuda.empty_cache()
-    _run_case(B, H, Hkv, L, S, D, D, dtype, causal=causal, mask=m, grad=False,
+    _run_case(B, H, Hkv, L, S, D, D, dtype, causal=causal, mask=_gpu_mask(mask, B, L, S), grad=False,
               variant=Variant("triton_chunked", **params))
 
 
