@@ -12,6 +12,8 @@ table shows what separate backward block sizes would buy. Every config runs in t
 line. The table comes last; --out writes every measurement as JSON.
 
 --jobs N compiles the configs first in N worker processes (Triton's disk cache), which saves most of the wall time.
+--family triton_chunked sweeps that family's tiles instead (block_m, BLOCK_M x BLOCK_N, BLOCK_D, warps, stages: its
+seeds, then a grid), on the forward cases only (the family is inference only); the D=512 cases are where it serves.
 """
 from __future__ import annotations
 
@@ -66,12 +68,23 @@ QUICK = 3  # configs per list under --quick
 
 
 TMA = False  # --tma: each whole-head-dim tile also with tma=1 (bulk tensor copies)
+FAMILY = "triton"  # --family: which Triton family the sweep measures
+
+# triton_chunked's grid beyond its seeds: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) x block_m
+CHUNKED_TILES = [(bm, bn, bd, nw, ns) for bd in (512, 256) for bm in (64, 128) for bn in (64, 32)
+                 for nw in (8, 4) for ns in (3, 2)]
+CHUNKED_BLOCKS = (2048, 1024, 4096)
 
 
 def config_list(kind: str, D: int, quick: bool):
     """The tuner's seed tiles for this head dim (noflash_tune.variants.TRITON_SEEDS_*), as
-    (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D, tma)."""
-    from noflash_tune.variants import TRITON_SEEDS_FWD, triton_seed_class, triton_seed_tiles
+    (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D, tma); for triton_chunked its seeds then its grid, as
+    (block_m, BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)."""
+    from noflash_tune.variants import TRITON_CHUNKED_SEEDS, TRITON_SEEDS_FWD, triton_seed_class, triton_seed_tiles
+
+    if FAMILY == "triton_chunked":
+        grid = [(c, *tile) for tile in CHUNKED_TILES for c in CHUNKED_BLOCKS]
+        return list(dict.fromkeys(list(TRITON_CHUNKED_SEEDS) + ([] if quick else grid)))
 
     out = triton_seed_tiles(D, kind != "fwd")
     n_fwd = len(TRITON_SEEDS_FWD[triton_seed_class(D)])
@@ -85,12 +98,19 @@ def config_list(kind: str, D: int, quick: bool):
 def variant_of(cfg, compute="input"):
     from noflash_tune.variants import Variant
 
+    if FAMILY == "triton_chunked":
+        rows, bm, bn, bd, nw, ns = cfg
+        return Variant("triton_chunked", block_m=rows, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw,
+                       num_stages=ns)
     bm, bn, nw, ns, bd, tma = cfg
     return Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, compute=compute,
                    tma=tma)
 
 
 def cfg_str(cfg):
+    if FAMILY == "triton_chunked":
+        rows, bm, bn, bd, nw, ns = cfg
+        return f"bm{rows}/{bm}x{bn}/d{bd}/w{nw}/s{ns}"
     bm, bn, nw, ns, bd, tma = cfg
     return f"{bm}x{bn}/w{nw}/s{ns}" + (f"/d{bd}" if bd else "") + {0: "", 1: "/tma", 2: "/tma-ws"}[tma]
 
@@ -194,10 +214,13 @@ def our_call(case, q, k, v, m):
 
 
 def run_ours(case, variant, q, k, v, m, dout=None):
-    from noflash_tune.runtime.triton_op import triton_attention
+    from noflash_tune.runtime.triton_op import triton_attention, triton_chunked_attention
 
     for t in (q, k, v):
         t.grad = None
+    if variant.family == "triton_chunked":
+        with torch.no_grad():
+            return {"out": triton_chunked_attention(our_call(case, q, k, v, m), variant)}
     out = triton_attention(our_call(case, q, k, v, m), variant)
     if dout is None:
         return {"out": out}
@@ -226,6 +249,9 @@ def time_ours(case, variant, q, k, v, m, dout):
 
     call = our_call(case, q, k, v, m)
     spec = Specialization.of(call)
+    if variant.family == "triton_chunked":  # forward only: one module
+        mod = load(variant, spec, 0)
+        return {"fwd": bench_ms(lambda: mod.forward(call.q, call.k, call.v, call.mask, call.scale, 0.0, None, False))}
     fwd_mod, bwd_mod = load(variant, spec, 0), load(variant, spec, 1)
     res = {}
     res["fwd"] = bench_ms(lambda: fwd_mod.forward(call.q, call.k, call.v, call.mask, call.scale, 0.0, 0,
@@ -480,15 +506,19 @@ def main(argv=None):
     ap.add_argument("--no-native", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     ap.add_argument("--tma", action="store_true", help="also each whole-head-dim tile with tma=1")
+    ap.add_argument("--family", default="triton", choices=("triton", "triton_chunked"),
+                    help="the Triton family whose tiles the sweep measures")
     ap.add_argument("--dispatched", action="store_true",
                     help="time noflash-tune's dispatched SDPA (the tuned configs found here) against native instead")
     args = ap.parse_args(argv)
-    global TMA
-    TMA = args.tma
+    global TMA, FAMILY
+    TMA, FAMILY = args.tma, args.family
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
         return 0
     names = [n for n in args.cases.split(",") if n] or list(CASES)
+    if FAMILY == "triton_chunked":  # inference only, and pruned below head dim 256
+        names = [n for n in names if CASES[n][0] == "fwd" and CASES[n][5] >= 256]
     unknown = [n for n in names if n not in CASES]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
