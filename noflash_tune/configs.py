@@ -972,8 +972,8 @@ def write_file(path: Path | str, cfg: ConfigFile, merge: bool = True) -> ConfigF
     ``merge=True``: the current file is re-read under the lock and its entries are kept unless ``cfg`` has the
     same bucket (the new entry replaces it). An old entry whose measurement conditions ``cfg.device`` would
     misdescribe (other torch major.minor, or triton or its family's templates where they matter for its winner)
-    is dropped with a :class:`ConfigWarning`. A current file for another device key raises :class:`ConfigError`. The merged
-    ``vram_cap_gib`` is the loosest of the two (null if either is null).
+    is dropped with a :class:`ConfigWarning`. A current file for another device key raises :class:`ConfigError`.
+    The merged ``vram_cap_gib`` is the loosest of the two (null if either is null).
     """
     path = Path(path)
 

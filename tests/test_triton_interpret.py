@@ -230,7 +230,8 @@ def test_triton_chunked_matches_the_rule(case):
         m[5, :] = float("-inf")
         args, kw = (2, 2, 2, 27, 38, 16, 16, torch.float32), dict(mask=m)
     else:
-        args, kw = (2, 3, 3, 19, 33, 16, 16, torch.float32), dict(layout="blhe", mask=torch.rand(2, 3, 19, 33, generator=g) > 0.4)
+        args = (2, 3, 3, 19, 33, 16, 16, torch.float32)
+        kw = dict(layout="blhe", mask=torch.rand(2, 3, 19, 33, generator=g) > 0.4)
     out = _run_case(*args, grad=False, variant=Variant("triton_chunked", **CHUNKED_TILE), **kw)
     if case == "key-padding-gqa":
         assert out[1].abs().max().item() == 0
@@ -521,9 +522,29 @@ def test_opcheck():
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_triton_chunked_op_compiles_without_graph_break_and_passes_opcheck():
+    """The inference family's custom op: torch.compile(fullgraph=True) keeps it one node (its fake kernel gives
+    the shapes) with eager's answer; opcheck validates its schema and fake implementation, masked and causal."""
+    key = params_key(Variant("triton_chunked", **CHUNKED_TILE), "triton_chunked")
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 19, 16, generator=g).to(DEV) for _ in range(3))
+    m = (torch.rand(1, 1, 1, 19, generator=g) > 0.2).to(DEV).expand(1, 2, 19, 19)
+
+    def f(q, k, v_):
+        return torch.ops.noflash_tune.triton_chunked_fwd(q, k, v_, None, 0.25, True, key).float().sum()
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v), f(q, k, v))
+    if hasattr(torch.library, "opcheck"):
+        for mask, causal in ((None, True), (m, False)):
+            torch.library.opcheck(torch.ops.noflash_tune.triton_chunked_fwd.default, (q, k, v, mask, 0.25, causal, key),
+                                  test_utils=("test_schema", "test_faketensor"))
+
+
 # --- real sizes on a GPU (pytest -m gpu) ---------------------------------------------------------------------
 
 gpu = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs CUDA (and no interpreter)")
+
 
 def _gpu_mask(kind, B, L, S):
     """None, a key-padding bool mask (B,1,1,S) with random lengths, or a float mask (L,S) broadcast over B and H."""
