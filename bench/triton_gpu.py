@@ -3,7 +3,7 @@
 
     python bench/triton_gpu.py --out results.json [--cases fwd_d128,fwdbwd_d128] [--jobs 8] [--quick]
 
-For each shape it sweeps a handful of configs (pruned analytically by noflash_tune.device.triton_prune_reason),
+For each shape it sweeps a handful of configs (pruned analytically by noflash_tune.variants.prune_reason),
 checks each one's output (and gradients for fwd+bwd cases) against the math in fp32 with flash-attn's rule
 (error <= 2x the error of the same math in bf16 + a floor), times it with triton.testing.do_bench (median), and
 measures cudnn / flash / efficient in the same run. TFLOP/s: forward 4*B*H*N^2*D (halved when causal),
@@ -351,10 +351,10 @@ def dispatched_table(rows):
 
 
 def prune(case, cfg):
-    from noflash_tune.device import triton_prune_reason
+    from noflash_tune.variants import prune_reason
 
     try:
-        return triton_prune_reason(variant_of(cfg), _FakeCall(case))
+        return prune_reason(variant_of(cfg), _FakeCall(case))
     except Exception:  # a pruning bug must not stop the bench
         return ""
 
@@ -363,10 +363,12 @@ class _FakeCall:
     """Enough of contract.Call for the analytic pruning, without allocating."""
 
     def __init__(self, case):
-        _, B, H, Hkv, N, D, causal, mask, _ = case
+        kind, B, H, Hkv, N, D, causal, mask, _ = case
         self.L = self.S = N
         self.E = self.Ev = D
         self.groups = H // Hkv
+        self.needs_grad = kind == "fwdbwd"
+        self.mask_kind = "bool" if mask == "pad" else "none"
         self.q = torch.empty(0, device="cuda", dtype=torch.bfloat16)
 
 

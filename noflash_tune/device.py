@@ -231,11 +231,9 @@ def triton_chunked_prune_reason(v: "Variant", call: "Call") -> str:
 
 
 def triton_prune_reason(v: "Variant", call: "Call") -> str:
-    """Analytic pruning of a Triton config before any launch ('' = keep)."""
+    """Analytic pruning of a ``triton`` config before any launch ('' = keep)."""
     from .variants import _next_pow2
 
-    if v.family == "triton_chunked":
-        return triton_chunked_prune_reason(v, call)
     p = v.params
     bm, bn, bd = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_D"]
     d = max(call.E, call.Ev)

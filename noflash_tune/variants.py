@@ -43,6 +43,7 @@ class Family:
     templates: tuple[str, ...] = ()
     autograd: bool = True
     reasons_fn: Callable[["Call"], list[str]] | None = None
+    prune_fn: Callable[["Variant", "Call"], str] | None = None  # analytic pruning of one point ('' = keep)
 
     def reasons(self, call: "Call") -> list[str]:
         """Why this family cannot serve ``call``; an empty list means it can."""
@@ -100,6 +101,59 @@ def _native_reasons(backend: str) -> Callable[["Call"], list[str]]:
     return reasons
 
 
+def _torch_prune_reason(v: "Variant", call: "Call") -> str:
+    p = v.params
+    L, S = call.L, call.S
+    dt = call.q.dtype
+    on_gpu = call.q.device.type != "cpu"
+    bm = p["block_m"]
+    if bm > max(_next_pow2(L * call.groups), 32):
+        return f"block_m={bm} exceeds the {L * call.groups} rows per kv head"
+    if "block_n" in p and p["block_n"] > max(_next_pow2(S), 64):
+        return f"block_n={p['block_n']} exceeds S={S}"
+    if p.get("streams", 1) > 1:
+        if call.q.device.type != "cuda":
+            return "streams > 1 needs a CUDA/ROCm device"
+        if p["streams"] > -(-L // bm):
+            return f"streams={p['streams']} exceeds the {-(-L // bm)} query blocks"
+    if p.get("keep_p") and not call.needs_grad:
+        return "keep_p=1 only changes a call that needs grad (the same forward otherwise)"
+    if p.get("keep_p") and call.dropout_p > 0:
+        return "keep_p=1 is not rendered with dropout (the backward needs the undropped P)"
+    comp = p["compute"]
+    if comp != "input" and dtype_from_name(comp) == dt:
+        return "compute equals the input dtype (same as 'input')"
+    if dt in (torch.float32, torch.float64) and comp in ("fp16", "bf16"):
+        return f"{comp} compute cannot meet the accuracy rule for {DTYPE_NAMES.get(dt, dt)} input"
+    if dt == torch.float16 and comp == "bf16":
+        return "bf16 compute for fp16 input loses mantissa"
+    if dt == torch.bfloat16 and comp == "fp16" and not on_gpu:
+        return "fp16 compute is only a win on GPUs without a bf16 dot"
+    if comp == "fp32" and dt == torch.float64:
+        return "fp32 compute for fp64 input"
+    cdt = compute_dtype(v, dt)
+    if cdt in (torch.float32, torch.float64):
+        if p["accumulation"] != FAMILIES[v.family].defaults["accumulation"]:
+            return "accumulation has no effect for fp32/fp64 compute (the family default stands for both)"
+    elif p["accumulation"] == "native" and not on_gpu:
+        return "half-precision softmax is slower than fp32 on CPU"
+    if cdt in (torch.float16, torch.bfloat16) and not on_gpu and dt != cdt:
+        return "half-precision GEMMs are slower than fp32 on CPU"
+    return ""
+
+
+def _triton_prune_reason(v: "Variant", call: "Call") -> str:
+    from .device import triton_prune_reason
+
+    return triton_prune_reason(v, call)
+
+
+def _triton_chunked_prune_reason(v: "Variant", call: "Call") -> str:
+    from .device import triton_chunked_prune_reason
+
+    return triton_chunked_prune_reason(v, call)
+
+
 FAMILIES: dict[str, Family] = {}
 
 
@@ -119,6 +173,7 @@ _register(Family(
     defaults={"block_m": 256, "compute": "input", "accumulation": "native", "streams": 1, "keep_p": 0},
     templates=("torch/chunked.py.j2",),
     reasons_fn=_common_torch_reasons,
+    prune_fn=_torch_prune_reason,
 ))
 _register(Family(
     name="torch_online",
@@ -128,6 +183,7 @@ _register(Family(
     defaults={"block_m": 256, "block_n": 512, "compute": "input", "accumulation": "fp32"},
     templates=("torch/online.py.j2",),
     reasons_fn=_common_torch_reasons,
+    prune_fn=_torch_prune_reason,
 ))
 _register(Family(
     name="torch_inplace",
@@ -137,6 +193,7 @@ _register(Family(
     templates=("torch/inplace.py.j2",),
     autograd=False,
     reasons_fn=_inplace_reasons,
+    prune_fn=_torch_prune_reason,
 ))
 _register(Family(
     name="triton",
@@ -151,6 +208,7 @@ _register(Family(
               "accumulation": "fp32", "tma": 0},
     templates=("triton/attention_fwd.py.j2", "triton/attention_bwd.py.j2"),
     reasons_fn=_triton_reasons,
+    prune_fn=_triton_prune_reason,
 ))
 _register(Family(
     name="triton_chunked",
@@ -165,6 +223,7 @@ _register(Family(
     templates=("triton/chunked_fwd.py.j2",),
     autograd=False,
     reasons_fn=_triton_chunked_reasons,
+    prune_fn=_triton_chunked_prune_reason,
 ))
 for _b in NATIVE_BACKENDS:
     _register(Family(name=f"native:{_b}", kind="native", space={}, defaults={}, reasons_fn=_native_reasons(_b)))
@@ -353,47 +412,6 @@ def candidate_space(family: str, call: "Call") -> list[tuple[Variant | None, str
 
 
 def prune_reason(v: Variant, call: "Call") -> str:
-    p = v.params
-    L, S = call.L, call.S
-    dt = call.q.dtype
-    on_gpu = call.q.device.type != "cpu"
-    if v.kind == "torch":
-        bm = p["block_m"]
-        if bm > max(_next_pow2(L * call.groups), 32):
-            return f"block_m={bm} exceeds the {L * call.groups} rows per kv head"
-        if "block_n" in p and p["block_n"] > max(_next_pow2(S), 64):
-            return f"block_n={p['block_n']} exceeds S={S}"
-        if p.get("streams", 1) > 1:
-            if call.q.device.type != "cuda":
-                return "streams > 1 needs a CUDA/ROCm device"
-            if p["streams"] > -(-L // bm):
-                return f"streams={p['streams']} exceeds the {-(-L // bm)} query blocks"
-        if p.get("keep_p") and not call.needs_grad:
-            return "keep_p=1 only changes a call that needs grad (the same forward otherwise)"
-        if p.get("keep_p") and call.dropout_p > 0:
-            return "keep_p=1 is not rendered with dropout (the backward needs the undropped P)"
-        comp = p["compute"]
-        if comp != "input" and dtype_from_name(comp) == dt:
-            return "compute equals the input dtype (same as 'input')"
-        if dt in (torch.float32, torch.float64) and comp in ("fp16", "bf16"):
-            return f"{comp} compute cannot meet the accuracy rule for {DTYPE_NAMES.get(dt, dt)} input"
-        if dt == torch.float16 and comp == "bf16":
-            return "bf16 compute for fp16 input loses mantissa"
-        if dt == torch.bfloat16 and comp == "fp16" and not on_gpu:
-            return "fp16 compute is only a win on GPUs without a bf16 dot"
-        if comp == "fp32" and dt == torch.float64:
-            return "fp32 compute for fp64 input"
-        cdt = compute_dtype(v, dt)
-        if cdt in (torch.float32, torch.float64):
-            if p["accumulation"] != FAMILIES[v.family].defaults["accumulation"]:
-                return "accumulation has no effect for fp32/fp64 compute (the family default stands for both)"
-        elif p["accumulation"] == "native" and not on_gpu:
-            return "half-precision softmax is slower than fp32 on CPU"
-        if cdt in (torch.float16, torch.bfloat16) and not on_gpu and dt != cdt:
-            return "half-precision GEMMs are slower than fp32 on CPU"
-        return ""
-    if v.kind == "triton":
-        from .device import triton_prune_reason
-
-        return triton_prune_reason(v, call)
-    return ""
+    """Why ``v`` is pruned for ``call`` before any launch ('' = kept): its family's own rule."""
+    fn = v.spec.prune_fn
+    return fn(v, call) if fn else ""
