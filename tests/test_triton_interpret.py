@@ -557,51 +557,38 @@ def _gpu_mask(kind, B, L, S):
 
 
 _GPU_CASES = [
-    # (B, H, Hkv, N, D, causal, mask, grad, variant params)
-    (2, 4, 4, 4096, 64, False, None, True, dict(BLOCK_M=128, BLOCK_N=64)),
-    (1, 4, 4, 4093, 128, True, None, True, dict(BLOCK_M=128, BLOCK_N=64)),
-    (1, 4, 4, 16384, 128, True, None, False, dict(BLOCK_M=128, BLOCK_N=128)),
-    (2, 4, 2, 2049, 128, True, None, True, dict(BLOCK_M=64, BLOCK_N=64)),
-    (2, 4, 4, 3000, 128, False, "pad", True, dict(BLOCK_M=128, BLOCK_N=64)),
-    (1, 2, 2, 4096, 256, False, None, True, dict(BLOCK_M=64, BLOCK_N=64, num_stages=2)),
-    (1, 2, 2, 4096, 512, True, None, True, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, num_stages=1)),
-    (1, 2, 2, 2048, 1024, False, "float", True, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=128, num_warps=4,
-                                                     num_stages=1)),
+    # (family, B, H, Hkv, L, S, D, causal, mask, grad, variant params)
+    ("triton", 2, 4, 4, 4096, 4096, 64, False, None, True, dict(BLOCK_M=128, BLOCK_N=64)),
+    ("triton", 1, 4, 4, 4093, 4093, 128, True, None, True, dict(BLOCK_M=128, BLOCK_N=64)),
+    ("triton", 1, 4, 4, 16384, 16384, 128, True, None, False, dict(BLOCK_M=128, BLOCK_N=128)),
+    ("triton", 2, 4, 2, 2049, 2049, 128, True, None, True, dict(BLOCK_M=64, BLOCK_N=64)),
+    ("triton", 2, 4, 4, 3000, 3000, 128, False, "pad", True, dict(BLOCK_M=128, BLOCK_N=64)),
+    ("triton", 1, 2, 2, 4096, 4096, 256, False, None, True, dict(BLOCK_M=64, BLOCK_N=64, num_stages=2)),
+    ("triton", 1, 2, 2, 4096, 4096, 512, True, None, True, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, num_stages=1)),
+    ("triton", 1, 2, 2, 2048, 2048, 1024, False, "float", True, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=128,
+                                                                      num_warps=4, num_stages=1)),
+    # triton_chunked (inference): the seeds' tiles, ragged blocks, GQA, masks
+    ("triton_chunked", 2, 8, 8, 4096, 4096, 512, False, None, False, dict(BLOCK_D=512, num_warps=8, num_stages=3)),
+    ("triton_chunked", 1, 8, 2, 3001, 3001, 512, True, None, False, dict(block_m=1024, BLOCK_N=32, num_warps=8,
+                                                                         num_stages=3)),
+    ("triton_chunked", 2, 4, 4, 2500, 4096, 1024, True, None, False, dict(BLOCK_D=512, num_warps=8, num_stages=3)),
+    ("triton_chunked", 2, 4, 4, 3000, 3000, 512, False, "pad", False, dict(block_m=4096, BLOCK_D=512, num_warps=8,
+                                                                           num_stages=3)),
+    ("triton_chunked", 1, 4, 4, 2048, 2048, 768, False, "float", False, dict(BLOCK_M=128, BLOCK_D=256, num_warps=8,
+                                                                             num_stages=3)),
 ]
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", _GPU_CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}N{c[3]}D{c[4]}"
-                         f"{'c' if c[5] else ''}{c[6] or ''}{'g' if c[7] else ''}")
+@pytest.mark.parametrize("case", _GPU_CASES, ids=lambda c: f"{c[0]}-B{c[1]}H{c[2]}/{c[3]}L{c[4]}S{c[5]}D{c[6]}"
+                         f"{'c' if c[7] else ''}{c[8] or ''}{'g' if c[9] else ''}")
 def test_gpu_real_sizes(case, dtype):
-    B, H, Hkv, N, D, causal, mask, grad, params = case
+    family, B, H, Hkv, L, S, D, causal, mask, grad, params = case
     torch.cuda.empty_cache()
-    _run_case(B, H, Hkv, N, N, D, D, dtype, causal=causal, mask=_gpu_mask(mask, B, N, N), grad=grad,
-              variant=Variant("triton", **params))
-
-
-_GPU_CHUNKED_CASES = [
-    # (B, H, Hkv, L, S, D, causal, mask, variant params): the seeds' tiles, ragged blocks, GQA, masks
-    (2, 8, 8, 4096, 4096, 512, False, None, dict(BLOCK_D=512, num_warps=8, num_stages=3)),
-    (1, 8, 2, 3001, 3001, 512, True, None, dict(block_m=1024, BLOCK_N=32, num_warps=8, num_stages=3)),
-    (2, 4, 4, 2500, 4096, 1024, True, None, dict(BLOCK_D=512, num_warps=8, num_stages=3)),
-    (2, 4, 4, 3000, 3000, 512, False, "pad", dict(block_m=4096, BLOCK_D=512, num_warps=8, num_stages=3)),
-    (1, 4, 4, 2048, 2048, 768, False, "float", dict(BLOCK_M=128, BLOCK_D=256, num_warps=8, num_stages=3)),
-]
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", _GPU_CHUNKED_CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}S{c[4]}D{c[5]}"
-                         f"{'c' if c[6] else ''}{c[7] or ''}")
-def test_gpu_triton_chunked_real_sizes(case, dtype):
-    B, H, Hkv, L, S, D, causal, mask, params = case
-    torch.cuda.empty_cache()
-    _run_case(B, H, Hkv, L, S, D, D, dtype, causal=causal, mask=_gpu_mask(mask, B, L, S), grad=False,
-              variant=Variant("triton_chunked", **params))
+    _run_case(B, H, Hkv, L, S, D, D, dtype, causal=causal, mask=_gpu_mask(mask, B, L, S), grad=grad,
+              variant=Variant(family, **params))
 
 
 @pytest.mark.gpu
