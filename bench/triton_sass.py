@@ -2,6 +2,7 @@
 
     python bench/triton_sass.py --arch 90 -D 128 -L 4096 --tile 128,128,8,3,0,0
     python bench/triton_sass.py --arch 90 -D 128 --tile 128,128,8,3,0,1 --causal --sass out.sass
+    python bench/triton_sass.py --arch 90 -D 512 --grad --tile 64,32,8,2,128,0     # the backward's kernels
 
 What bench/NOTES.md asks of a kernel that misses its target: does the disassembly show HGMMA (Hopper's warpgroup
 MMA), are the global loads 16 bytes wide (LDG.E.128) or bulk tensor copies (UTMALDG), how many registers and how
@@ -30,49 +31,77 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("bench/triton_sass.py compiles real kernels: run it without TRITON_INTERPRET=1")
 
 class Capture:
-    """Stands in for a JIT function's ``kernel[grid]``: records the launch instead of running it."""
+    """Stands in for a JIT function's ``kernel[grid]``: records every launch instead of running it."""
 
     def __init__(self, fn):
-        self.fn, self.launch = fn, None
+        self.fn, self.launches = fn, []
 
     def __getitem__(self, grid):
         def record(*args, **kwargs):
-            self.launch = (grid, args, kwargs)
+            self.launches.append((grid, args, kwargs))
         return record
 
 
-def compile_variant(variant: Variant, shape: Shape, arch: int, template: int = 0):
-    """The variant's forward kernel as Triton compiles it for this shape on ``arch``: the launch's arguments go
-    through Triton's own binder (its specialisation: 16-byte alignment, divisibility of ints), as on a GPU."""
+def captured_launches(mod, names, run):
+    """``run()`` with the module's kernels ``names`` captured: [(name, kernel, grid, args, kwargs)] in launch order
+    per kernel."""
+    kernels = {n: getattr(mod, n) for n in names}
+    caps = {n: Capture(k) for n, k in kernels.items()}
+    interp = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # the host code's TMA check passes CPU tensors only under the interpreter
+    try:
+        for n, c in caps.items():
+            setattr(mod, n, c)
+        run()
+    finally:
+        for n, k in kernels.items():
+            setattr(mod, n, k)
+        if interp is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = interp
+    return [(n, kernels[n], *launch) for n in names for launch in caps[n].launches]
+
+
+def compile_launch(kernel, args, kwargs, arch: int):
+    """One captured launch compiled as Triton would for it on ``arch``: the arguments go through Triton's own
+    binder (its specialisation: 16-byte alignment, divisibility of ints), as on a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    q, k, v, mask = shape.make_inputs("cpu")
-    call = contract.normalize(q, k, v, mask, 0.0, shape.causal, None, shape.gqa > 1)
-    mod = codegen.load(variant, codegen.Specialization.of(call), template)
-    kernel = mod._attn_fwd
-    cap = Capture(kernel)
-    mod._attn_fwd = cap
-    interp = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # the host code's TMA check passes CPU tensors only under the interpreter
-    try:
-        mod.forward(call.q, call.k, call.v, call.mask, call.scale, 0.0, 0, True)
-    finally:
-        mod._attn_fwd = kernel
-        if interp is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = interp
-    grid, args, kwargs = cap.launch
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     src = ASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(src, target=target, options=options.__dict__), grid, options.__dict__
+    return triton.compile(src, target=target, options=options.__dict__), options.__dict__
+
+
+def compile_variant(variant: Variant, shape: Shape, arch: int, grad: bool = False):
+    """The variant's kernels for this shape on ``arch``, as [(name, compiled, grid, options)]: the forward's, or
+    with ``grad`` the backward's (delta, dK/dV once per kind under split-D, dQ)."""
+    q, k, v, mask = shape.make_inputs("cpu")
+    call = contract.normalize(q, k, v, mask, 0.0, shape.causal, None, shape.gqa > 1)
+    spec = codegen.Specialization.of(call)
+    if grad:
+        mod = codegen.load(variant, spec, 1)
+        B, H, L, _ = call.q.shape
+        out = torch.zeros(B, H, L, call.v.shape[-1], dtype=call.q.dtype)
+        lse = torch.zeros(B, H, L, dtype=torch.float32)
+        launches = captured_launches(mod, ("_bwd_delta", "_bwd_dkdv", "_bwd_dq"), lambda: mod.backward(
+            call.q, call.k, call.v, call.mask, out, lse, torch.zeros_like(out), call.scale, 0.0, 0, False))
+    else:
+        mod = codegen.load(variant, spec, 0)
+        launches = captured_launches(mod, ("_attn_fwd",), lambda: mod.forward(
+            call.q, call.k, call.v, call.mask, call.scale, 0.0, 0, True))
+    out = []
+    for name, kernel, grid, args, kwargs in launches:
+        compiled, options = compile_launch(kernel, args, kwargs, arch)
+        out.append((name, compiled, grid, options))
+    return out
 
 
 def _cubin_tool(compiled, tool: str, *flags: str) -> str:
@@ -137,6 +166,7 @@ def main() -> int:
     ap.add_argument("--mask", default="none", choices=("none", "bool", "float"))
     ap.add_argument("--tile", action="append", required=True,
                     help="BLOCK_M,BLOCK_N,num_warps,num_stages,BLOCK_D,tma (repeatable)")
+    ap.add_argument("--grad", action="store_true", help="the backward's kernels (dK/dV, dQ) instead of the forward's")
     ap.add_argument("--sass", help="write the disassembly of the last tile here")
     ap.add_argument("--json", action="store_true", help="one JSON object per tile instead of a line of text")
     args = ap.parse_args()
@@ -146,17 +176,18 @@ def main() -> int:
         bm, bn, nw, ns, bd, tma = (int(x) for x in tile.split(","))
         var = Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
         try:
-            compiled, grid, options = compile_variant(var, shape, args.arch)
+            kernels = compile_variant(var, shape, args.arch, grad=args.grad)
         except Exception as exc:  # noqa: BLE001 - a tile that does not compile is a result
             why = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(json.dumps({"tile": tile, "error": why}) if args.json else f"{tile}: does not compile: {why}")
             continue
-        sass = sass_of(compiled)
-        rep = report(compiled, options, sass)
-        print(json.dumps({"tile": tile, **rep}) if args.json else
-              f"{shape.label()} tile {tile} grid {grid}: " + ", ".join(f"{k} {v}" for k, v in rep.items()))
-        if args.sass:
-            Path(args.sass).write_text(sass)
+        for name, compiled, grid, options in kernels:
+            sass = sass_of(compiled)
+            rep = report(compiled, options, sass)
+            print(json.dumps({"tile": tile, "kernel": name, **rep}) if args.json else
+                  f"{shape.label()} tile {tile} {name} grid {grid}: " + ", ".join(f"{k} {v}" for k, v in rep.items()))
+            if args.sass:
+                Path(args.sass).write_text(sass)
     return 0
 
 

@@ -104,7 +104,7 @@ def cmd_tune(args) -> int:
         budget = DEFAULT_SECONDS_PER_SHAPE * len(shapes)
     opts = tuner.TuneOptions(device=dev, vram_cap_bytes=cap, trials=args.trials, time_budget_s=budget or None,
                              storage=args.storage, in_process=args.in_process, budget_ms=args.measure_ms,
-                             compile_workers=args.compile_workers)
+                             compile_workers=args.compile_workers, families=_parse_families(args.families))
     if args.objective == "synthetic":
         # Its numbers are not measurements: keep them out of the default search log and the user config dir.
         if not (args.storage and args.out):
@@ -322,6 +322,19 @@ def cmd_bench(args) -> int:
 
 # --- argument parsing -------------------------------------------------------------------------------------
 
+def _parse_families(text: str | None) -> tuple[str, ...] | None:
+    from .variants import FAMILIES
+
+    if not text:
+        return None
+    names = tuple(sorted({n.strip() for n in text.split(",") if n.strip()}))
+    ours = sorted(n for n, f in FAMILIES.items() if f.kind != "native")
+    bad = [n for n in names if n not in ours]
+    if bad or not names:
+        raise CliError(f"--families: unknown {bad or text!r}; ours are {', '.join(ours)}")
+    return names
+
+
 def _tune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", default="auto", help="auto, cpu, or this device's key (sm_90, gfx906, cpu-x86_64…)")
     p.add_argument("--shapes", default="default",
@@ -340,6 +353,9 @@ def _tune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-workers", type=int,
                    help="processes compiling Triton kernels ahead of the trials (default: GPUs, CPU cores - 2)")
     p.add_argument("--measure-ms", type=float, help="timing budget per trial in ms")
+    p.add_argument("--families", help="comma-separated: search only these of our families (e.g. torch_chunked, "
+                                      "to re-tune one family after its template changed); native backends are "
+                                      "measured whatever the choice")
     p.add_argument("--objective", choices=("measure", "synthetic"), default="measure",
                    help="measure: run and time the kernels (default); synthetic: a deterministic cost model instead "
                         "of running kernels; for testing distributed tuning and the tuner itself")

@@ -220,8 +220,11 @@ def triton_chunked_prune_reason(v: "Variant", call: "Call") -> str:
         return f"BLOCK_N={bn} > the {call.S} keys"
     if bd > max(_next_pow2(call.Ev), 64):
         return f"BLOCK_D={bd} > the value head dim {call.Ev}"
-    if bm * bd > 128 * nw * 32:
-        return f"a {bm}x{bd} fp32 accumulator over {nw} warps is over 128 registers a thread"
+    acc_regs = min(128, 65536 // (nw * 32) // 2)  # half of what a thread may hold (16 warps: 128 in all)
+    if bm * bd > acc_regs * nw * 32:
+        return f"a {bm}x{bd} fp32 accumulator over {nw} warps is over {acc_regs} registers a thread"
+    if nw == 16 and (bm < 128 or bd < 256):
+        return f"16 warps (4 warpgroups) want at least a 128x256 output tile, not {bm}x{bd}"
     elt = call.q.element_size()
     smem = p["num_stages"] * (bn * bd + bm * bn) * elt
     limit = _shared_memory_bytes(call)
@@ -272,10 +275,12 @@ def triton_prune_reason(v: "Variant", call: "Call") -> str:
     else:
         smem = (bm * e_pad + stages * bn * (e_pad + ev_pad)) * elt
     if call.needs_grad:
-        # backward (dK/dV kernel): the kept K/V block plus pipelined Q/dO tiles (checked offline on sm_90).
-        tile = bd or e_pad
-        smem = max(smem, (stages * bn * (tile + min(tile, ev_pad)) + bm * (tile + min(tile, ev_pad))) * elt
-                   + 2048)
+        # backward (its dK and dQ kernels, compiled offline for sm_90 with `bench/triton_sass.py --grad`): the
+        # streamed block's tiles of both whole head dims (every split-D tile of them), num_stages deep, plus the
+        # kept block's, which split-D holds in registers instead while they fit its 64 KiB preload.
+        width = (e_pad + ev_pad) * elt
+        kept = 0 if bd and bm * width <= 64 << 10 else bm * width
+        smem = max(smem, stages * bn * width + kept + 2048)
     if smem > limit:
         return f"shared memory ~{smem // 1024} KiB > the device's {limit // 1024} KiB"
     if p["num_warps"] == 16 and bm * bn // 512 > 32:

@@ -15,6 +15,8 @@ of this host are marked failed and re-enqueued. The product is small and determi
 from __future__ import annotations
 
 import datetime
+import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -59,8 +61,10 @@ class Candidates:
     families_rejected: dict[str, list[str]]
 
 
-def candidates_for(shape: Shape, device) -> Candidates:
-    """Every variant of every family that can serve ``shape`` on ``device``, after analytic pruning."""
+def candidates_for(shape: Shape, device, families: tuple[str, ...] | None = None) -> Candidates:
+    """Every variant of every family that can serve ``shape`` on ``device``, after analytic pruning; with
+    ``families``, of those only (the native backends are candidates whatever the choice: each entry records the
+    best of them)."""
     call = shape.planning_call(device)
     kept, pruned, rejected = [], [], {}
     dev_type = torch.device(device).type
@@ -69,6 +73,8 @@ def candidates_for(shape: Shape, device) -> Candidates:
             backend = name.split(":", 1)[1]
             if dev_type == "cpu" and backend not in ("flash", "math"):
                 continue
+        elif families is not None and name not in families:
+            continue
         why = fam.reasons(call)
         if why:
             rejected[name] = why
@@ -146,13 +152,23 @@ def _open_rdb(url: str, attempts: int = 6):
             time.sleep(0.2 * (attempt + 1) + 0.2 * random.random())
 
 
-def study_name(device_key: str, shape: Shape) -> str:
+def study_name(device_key: str, shape: Shape, device, families: tuple[str, ...] | None = None) -> str:
+    """One study per (device, shape, search space, templates, candidate set). The candidates are part of the name
+    because the sampler's distributions are built from them (the kept values of each parameter): optuna refuses a
+    study whose distributions change, so a version whose pruning keeps other candidates starts a fresh study
+    instead of failing to resume the old one."""
     from . import configs
 
     s = shape
     shape_key = f"B{s.B}H{s.H}kv{s.Hkv}L{s.L}S{s.S}E{s.E}Ev{s.Ev}"
     return (f"noflash-tune/{device_key}/{shape.bucket().key}/{shape_key}/space-{variants.space_hash()}"
-            f"/templates-{configs.templates_hash_for(device_key)}")
+            f"/templates-{configs.templates_hash_for(device_key)}/cands-{_kept_hash(shape, str(device), families)}")
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_hash(shape: Shape, device: str, families: tuple[str, ...] | None = None) -> str:
+    ids = sorted(variant_id(v) for v in candidates_for(shape, device, families).kept)
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:10]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -174,8 +190,23 @@ def _orphaned(t, host: str) -> bool:
     return t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1)))
 
 
+def _settle_unstamped(study: optuna.Study, poll_s: float = 0.1) -> None:
+    """Wait while a RUNNING trial is unstamped and younger than the grace (at most that long): its process either
+    stamps it within milliseconds or was killed in that window, and is judged once the grace has passed. A run
+    resumed right after such a kill thus recovers the trial instead of leaving it RUNNING for good."""
+    deadline = time.monotonic() + UNSTAMPED_GRACE_S
+    while time.monotonic() < deadline:
+        now = datetime.datetime.now()
+        if not any("host" not in t.user_attrs and t.datetime_start is not None
+                   and (now - t.datetime_start).total_seconds() <= UNSTAMPED_GRACE_S
+                   for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))):
+            return
+        time.sleep(poll_s)
+
+
 def recover_stale_trials(study: optuna.Study) -> int:
     """Trials left RUNNING by a dead process of this host: mark them failed and enqueue their params again."""
+    _settle_unstamped(study)
     host = socket.gethostname()
     n = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -272,6 +303,11 @@ class TuneOptions:
     objective: str = "measure"
     synthetic_sleep_ms: float = 5.0
     compile_workers: int | None = None  # processes compiling kernels ahead of the trials; None: auto
+    families: tuple[str, ...] | None = None  # search only these of our families (natives always); None: all
+
+    def __post_init__(self):
+        if self.families is not None:  # a worker process gets them back from asdict() as a list
+            self.families = tuple(sorted(self.families))
 
     def warmer(self, share: int = 1) -> Warmer | None:
         """The pool compiling Triton kernels ahead of their trials: on GPUs, one process per spare CPU core
@@ -319,15 +355,15 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     a compilation. Without one, ``study.optimize`` runs the trials one by one.
     """
     dev_key = devmod.device_key(opts.device)
-    cands = candidates_for(shape, opts.device)
+    cands = candidates_for(shape, opts.device, opts.families)
     kept_ids = [variant_id(v) for v in cands.kept]
     exhaustive = len(kept_ids) <= EXHAUSTIVE_MAX
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = (optuna.samplers.BruteForceSampler(seed=opts.seed) if exhaustive
                    else optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=16, constant_liar=True))
-    study = optuna.create_study(storage=storage, study_name=study_name(dev_key, shape), direction="minimize",
-                                sampler=sampler, load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=study_name(dev_key, shape, opts.device, opts.families),
+                                direction="minimize", sampler=sampler, load_if_exists=True)
     study.set_user_attr("shape", shape.to_json())
     study.set_user_attr("pruned_analytically", len(cands.pruned))
     recover_stale_trials(study)
@@ -791,7 +827,7 @@ def tune_parallel(shapes: list[Shape], opts: TuneOptions, workers: int, console=
             n = 0
             for s in shapes:
                 try:
-                    st = optuna.load_study(study_name=study_name(dev_key, s), storage=storage)
+                    st = optuna.load_study(study_name=study_name(dev_key, s, opts.device, opts.families), storage=storage)
                     n += sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
                 except KeyError:
                     pass
@@ -804,9 +840,9 @@ def tune_parallel(shapes: list[Shape], opts: TuneOptions, workers: int, console=
     wall = time.monotonic() - t0
     results = []
     for s in shapes:
-        study = optuna.load_study(study_name=study_name(dev_key, s), storage=storage)
+        study = optuna.load_study(study_name=study_name(dev_key, s, opts.device, opts.families), storage=storage)
         wait_for_others(study, opts.trial_timeout_s)  # tuning processes of other machines on this study
-        res = crown(study, s, opts, candidates_for(s, opts.device))
+        res = crown(study, s, opts, candidates_for(s, opts.device, opts.families))
         res.seconds = wall / len(shapes)
         results.append(res)
     return results

@@ -214,7 +214,7 @@ _register(Family(
     name="triton_chunked",
     kind="triton",
     space={"block_m": (256, 512, 1024, 2048, 4096), "BLOCK_M": (32, 64, 128), "BLOCK_N": (16, 32, 64, 128),
-           "BLOCK_D": (64, 128, 256, 512), "num_warps": (4, 8), "num_stages": (1, 2, 3, 4),
+           "BLOCK_D": (64, 128, 256, 512), "num_warps": (4, 8, 16), "num_stages": (1, 2, 3, 4),
            "accumulation": ("fp32",)},
     # Tier 1's query blocks (block_m rows) with the scores from the BLAS GEMM and the softmax fused into the
     # P @ V kernel (BLOCK_M x BLOCK_N tiles of the stored scores, BLOCK_D output columns a program). Inference only.
@@ -252,7 +252,7 @@ TRITON_SEEDS_BWD = {
     "split": ((64, 64, 8, 1, 128, 0), (32, 32, 4, 2, 128, 0), (64, 16, 8, 2, 128, 0), (32, 64, 4, 2, 128, 0),
               (64, 32, 8, 1, 128, 0)),
 }
-# triton_chunked tiles that measured best on an H200 at D=512 and 1024 (bench/NOTES.md, round 6), as
+# triton_chunked tiles that measured best on an H200 at D=512 and 1024 (bench/NOTES.md, rounds 6 and 7), as
 # (block_m, BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
 TRITON_CHUNKED_SEEDS = ((2048, 64, 64, 512, 8, 3), (4096, 64, 64, 512, 8, 3), (2048, 64, 32, 256, 8, 3),
                         (1024, 64, 64, 512, 8, 3), (2048, 64, 32, 256, 4, 3), (2048, 128, 64, 256, 8, 3))

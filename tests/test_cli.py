@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
-from noflash_tune import cli, configs, device
+from noflash_tune import cli, configs, device, tuner
 from noflash_tune.trials import TrialRunner
 from noflash_tune.shapes import Shape, load_shapes
 from noflash_tune.variants import Variant
@@ -75,6 +76,27 @@ def test_tune_smoke_writes_this_device_config_and_prints_the_winners(tuned):
         assert e.ms > 0
         assert e.bucket.key in out
     assert (root / "j.log").stat().st_size > 0  # the search log is kept apart from the product
+
+
+def test_tune_families_searches_only_those_and_the_natives(tmp_path):
+    """--families torch_chunked (a re-tune after that family's template changed): every trial is that family or a
+    native backend, and each entry still records the best native; an unknown name is refused before tuning."""
+    journal = tmp_path / "j.log"
+    rc, out, err = run_main(["--gpu", "cpu", "--shapes", "smoke", "--in-process", "--measure-ms", "5",
+                             "--families", "torch_chunked", "--storage", f"journal:{journal}", "--out", tmp_path])
+    assert rc == 0, out + err
+    cfg = configs.load_file(tmp_path / f"{KEY}.json")
+    assert sorted(cfg.entries) == SMOKE_KEYS
+    for e in cfg.entries.values():
+        assert e.winner.family == "torch_chunked" or e.winner.kind == "native", e.winner
+        assert e.native is not None
+    storage = tuner.open_storage(f"journal:{journal}")
+    ran = {t.user_attrs.get("variant", "").partition("|")[0] for s in optuna.get_all_study_summaries(storage)
+           for t in optuna.load_study(study_name=s.study_name, storage=storage).trials}
+    assert "torch_chunked" in ran and ran <= {"torch_chunked", "native:flash", "native:math", ""}, ran
+
+    rc, out, err = run_main(["--gpu", "cpu", "--shapes", "smoke", "--families", "torch_chunkd"])
+    assert rc == 2 and "--families: unknown ['torch_chunkd']" in err and "tuning" not in out
 
 
 def test_show_lists_the_entries_of_a_config_dir(tuned, tmp_path):

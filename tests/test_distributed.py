@@ -103,7 +103,7 @@ def _check_studies(storage_url: str, processes: int) -> set[int]:
     pids = set()
     stats = []  # per study: trials, skipped duplicates, evaluated twice
     for shape in SHAPES:
-        study = optuna.load_study(study_name=tuner.study_name(KEY, shape), storage=storage)
+        study = optuna.load_study(study_name=tuner.study_name(KEY, shape, "cpu"), storage=storage)
         trials = study.get_trials(deepcopy=False)
         # No trial lost: every one finished as a measurement (COMPLETE) or a recorded rejection (PRUNED, with its
         # reason); none left RUNNING or WAITING, none FAIL (nobody was interrupted).

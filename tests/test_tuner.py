@@ -32,7 +32,7 @@ COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialSt
 
 
 def load_study(storage_url: str, shape: Shape) -> optuna.Study:
-    return optuna.load_study(study_name=tuner.study_name(KEY, shape), storage=tuner.open_storage(storage_url))
+    return optuna.load_study(study_name=tuner.study_name(KEY, shape, "cpu"), storage=tuner.open_storage(storage_url))
 
 
 # --- a smoke tune -------------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def test_gpu_vram_cap_excludes_the_fastest_variant_and_no_entry_exceeds_it(tmp_p
     (res,) = tuner.tune([shape], opts)
     assert res.counts["pruned_cap"] > 0
     assert res.entry is not None and res.entry["peak_mib"] * 2**20 <= cap
-    study = optuna.load_study(study_name=tuner.study_name(device.device_key("cuda"), shape),
+    study = optuna.load_study(study_name=tuner.study_name(device.device_key("cuda"), shape, "cuda"),
                               storage=tuner.open_storage(opts.storage))
     for t in study.trials:
         if t.state == COMPLETE:
@@ -359,10 +359,10 @@ def test_a_killed_run_resumes_without_losing_or_repeating_trials(tmp_path):
     env = dict(os.environ, NOFLASH_TUNE_CACHE_DIR=str(tmp_path / "cache"), NOFLASH_TUNE_USER_DIR=str(tmp_path / "u"),
                PYTHONPATH=str(REPO), COLUMNS="160")
     env.pop("NOFLASH_TUNE_CONFIGS", None)
-    # 60 ms a trial: a window wide enough that the poll below sees a trial running (at 5 ms the whole 14-trial
-    # run could end between two polls on a busy machine).
+    # 200 ms a trial: a window wide enough that the poll below sees a trial running (at 5 ms the whole 14-trial
+    # run could end between two polls on a busy machine; at 60 ms, with the machine busy, it once did).
     args = ["--gpu", "cpu", "--shapes", str(shape_file), "--storage", storage, "--out", str(out),
-            "--measure-ms", "60"]
+            "--measure-ms", "200"]
 
     proc = _cli(args, env)
     try:
@@ -452,6 +452,18 @@ def test_recover_stale_trials_requeues_only_trials_of_dead_processes_of_this_hos
     assert study.ask(fixed_distributions=dist).params == trials[0].params  # its candidate is enqueued again
 
 
+def test_a_trial_killed_before_its_stamp_is_recovered_by_a_run_resumed_at_once(tmp_path, monkeypatch):
+    # A process killed between asking for a trial and stamping it with its host and pid leaves a RUNNING trial no
+    # one can attribute; a run resumed within the grace waits it out rather than leaving the trial RUNNING for good.
+    monkeypatch.setattr(tuner, "UNSTAMPED_GRACE_S", 0.5)
+    study = optuna.create_study(storage=tuner.open_storage(f"journal:{tmp_path / 'j.log'}"), study_name="s")
+    study.ask()  # never stamped: its process "died" right after
+    started = time.monotonic()
+    assert tuner.recover_stale_trials(study) == 1
+    assert 0.4 < time.monotonic() - started < 5
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [optuna.trial.TrialState.WAITING]
+
+
 class ReplayRunner:
     """Stands in for the trial worker: every candidate 'runs' at a fixed time (the search logic is under test)."""
 
@@ -495,6 +507,38 @@ def test_resume_after_kills_before_and_after_a_trial_chose_its_candidate(tmp_pat
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
+def test_a_study_resumed_by_a_version_that_prunes_differently_starts_afresh(tmp_path, monkeypatch):
+    # TPE's distributions (a GPU's search) are built from the kept candidates' values. A run cut by its deadline
+    # leaves seeds to enqueue again on resume; if the next version prunes every candidate with one of their values,
+    # optuna refuses the enqueued value ("'64' not in (128, 32)": an H200 re-tune failed so). A changed candidate
+    # set therefore starts a fresh study rather than failing on the old journal.
+    monkeypatch.setattr(tuner, "EXHAUSTIVE_MAX", 0)  # the TPE search, as on a GPU
+    shape = Shape(B=1, H=2, L=128, E=32, dtype="fp32")
+    opts = tuner.TuneOptions(device="cpu", storage=f"journal:{tmp_path / 'j.log'}", trials=4)
+    storage = tuner.open_storage(opts.storage)
+    study, cands = tuner.search(shape, opts, storage, runner=ReplayRunner())
+    cut = Variant("torch_chunked", block_m=64)
+    assert cut in cands.kept
+    params = {"family": cut.family, **{f"{cut.family}.{k}": v for k, v in cut.params.items()
+                                       if len({x.params[k] for x in cands.kept if x.family == cut.family}) > 1}}
+    study.enqueue_trial(params)
+    t = study.ask()  # the seed a deadline stopped before it ran
+    t.set_user_attr("variant", variant_id(cut))
+    t.set_user_attr("status", "deadline")
+    study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    real = variants.prune_reason
+    monkeypatch.setattr(variants, "prune_reason", lambda v, call: (
+        "pruned by the next version" if v.family == "torch_chunked" and v.params["block_m"] == 64
+        else real(v, call)))
+    tuner._kept_hash.cache_clear()
+    more = tuner.TuneOptions(**{**opts.__dict__, "trials": 8})
+    again, cands2 = tuner.search(shape, more, storage, runner=ReplayRunner())
+    assert 64 not in {v.params["block_m"] for v in cands2.kept if v.family == "torch_chunked"}
+    assert again.study_name != study.study_name
+    assert len([t for t in again.trials if t.state == COMPLETE]) >= 4
+    tuner._kept_hash.cache_clear()
+
+
 # --- analytic pruning before launch -------------------------------------------------------------------------
 
 def test_candidates_are_pruned_analytically_with_reasons_before_any_launch(monkeypatch):
@@ -534,6 +578,25 @@ def test_candidates_are_pruned_analytically_with_reasons_before_any_launch(monke
     c = tuner.candidates_for(Shape(B=1, H=2, L=100, E=32, dtype="fp32", grad=True), "cpu")
     assert "inference only: an input requires grad" in c.families_rejected["torch_inplace"]
     assert not [v for v in c.kept if v.family == "torch_inplace"]
+
+
+@pytest.mark.parametrize("tile,measured_kib", [
+    ((64, 32, 8, 2, 128), 256.2), ((64, 16, 8, 3, 128), 224.2),
+    ((64, 16, 8, 2, 256), 192.1), ((32, 32, 4, 2, 128), 130.2), ((128, 64, 8, 3, 0), 161.0),
+])
+def test_backward_tiles_past_the_shared_memory_limit_are_pruned_before_any_compile(tile, measured_kib):
+    """D=512 training (split-D) and D=128: the shared memory of the backward's largest kernel, as Triton 3.6 compiled
+    it for sm_90 (`bench/triton_sass.py --grad`), against Hopper's 227 KiB. A tile over it is pruned with the reason
+    (on an H200 each one cost a 2-minute compile before the launch refused it); a tile under it is kept."""
+    bm, bn, nw, ns, bd = tile
+    E = 512 if bd else 128
+    call = Shape(B=4, H=8, L=4096, E=E, grad=True).planning_call("cpu")
+    reason = variants.prune_reason(
+        Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd), call)
+    if measured_kib > 227:
+        assert "shared memory" in reason, reason
+    else:
+        assert reason == "", reason
 
 
 # --- the accuracy gate --------------------------------------------------------------------------------------
