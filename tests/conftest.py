@@ -12,6 +12,13 @@ except ImportError:  # pragma: no cover
     pass
 
 import pytest
+from hypothesis import settings
+
+# CI (.ci/run sets HYPOTHESIS_PROFILE=ci) draws the same examples on every run, so a red build is a change's doing
+# and not a new draw; elsewhere each run draws afresh and explores.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
 # Tests never touch the user's real cache or config dirs, and never see configs from the environment.
 _TMP = os.environ.setdefault("NOFLASH_TUNE_TEST_ROOT", "")
