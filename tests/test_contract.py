@@ -104,6 +104,32 @@ def test_each_tier_and_accumulation(tier, dtype, compute, accumulation):
         assert acc.ok, f"{variant} causal={causal}: {acc}"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("dtype,compute,accumulation", [
+    (torch.float16, "input", "fp32"), (torch.float16, "input", "native"), (torch.bfloat16, "fp16", "fp32"),
+])
+def test_fp16_products_past_its_range_under_a_small_scale(tier, dtype, compute, accumulation, device):
+    """Unscaled q.k products beyond fp16's 65504, a scale that brings the scores back to O(10): the math path
+    (sqrt(scale) on q and k first) is fine there, so every tier must be too, forward and gradients: no fp16
+    product is formed before the scale is applied."""
+    gen = torch.Generator().manual_seed(4)
+    q = (torch.randn(2, 4, 77, 64, generator=gen) * 40).to(device, dtype)
+    k = (torch.randn(2, 2, 93, 64, generator=gen) * 40).to(device, dtype)
+    k[:, :, 7] = q[:, ::2, 11]  # an aligned key: q.k = |q|^2 ~ 1e5 unscaled
+    v = torch.randn(2, 2, 93, 48, generator=gen).to(device, dtype)
+    variant = Variant(tier, block_m=32, compute=compute, accumulation=accumulation)
+
+    def run(q, k, v, **kw):
+        return noflash_tune.attention(q, k, v, variant=variant, **kw)
+
+    for causal in (False, True):
+        acc = check_accuracy(run, q, k, v, None, causal=causal, scale=1e-4, enable_gqa=True,
+                             grads=tier != "torch_inplace")
+        assert acc.ok, f"{variant} causal={causal}: {acc}"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("causal,mask,groups", [(False, None, 1), (True, None, 2), (False, "bool", 1)])
