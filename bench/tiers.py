@@ -28,7 +28,7 @@ import noflash_tune  # noqa: E402
 from noflash_tune import contract, measure, variants  # noqa: E402
 from noflash_tune.runtime import dispatch, fallback  # noqa: E402
 from noflash_tune.runtime.native import original_sdpa, pinned  # noqa: E402
-from noflash_tune.shapes import Shape  # noqa: E402
+from noflash_tune.shapes import Shape, dtype_from_name  # noqa: E402
 from noflash_tune.variants import Variant  # noqa: E402
 
 SWEEP = [Variant("torch_chunked", block_m=m) for m in (32, 64, 128, 256, 512)] + \
@@ -52,7 +52,7 @@ def noflash_t1():
 
 
 def best_variant(shape: Shape, device: str, progress, task, swept: dict, graph: bool = False) -> tuple[Variant, str]:
-    """The tuned winner if one exists for this bucket, else the fastest of a short sweep measured here (each
+    """The tuned winner if this bucket has one, else the fastest of a short sweep measured here (each
     swept variant's ms lands in ``swept``; with ``graph``, also each chunked block size replayed from a CUDA graph,
     as ``graph <variant>``)."""
     q, k, v, m = shape.make_inputs(device)
@@ -63,7 +63,7 @@ def best_variant(shape: Shape, device: str, progress, task, swept: dict, graph: 
         return fam.kind == "torch" and (fam.autograd or not shape.grad)
 
     found = cs.lookup(call_bucket(call), tier_for_this_call) if cs is not None and not swept.get("force") else None
-    if found is not None:
+    if found is not None and found[1] == "exact":  # a nearest bucket's tier (e.g. a decode's) says little here
         return found[0].winner, f"tuned ({found[1]})"
     best, best_ms = None, float("inf")
     for var in SWEEP_GPU if torch.device(device).type == "cuda" else SWEEP:
@@ -102,6 +102,34 @@ def cuda_graphed(fn):
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def kernel_times(fn, calls: int = 10) -> list[tuple[str, float, float]]:
+    """The GPU kernels one call of ``fn`` runs (torch.profiler over ``calls`` calls, after a warm-up): (name,
+    launches per call, microseconds per call), the longest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.count / calls, getattr(e, "device_time_total", 0.0) / calls) for e in prof.key_averages()
+            if e.device_type == DeviceType.CUDA]
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def score_pass_us(shape: Shape, device: str) -> float:
+    """Microseconds for one pass (a read or a write) over a call's B*H*L*S scores in the input dtype at this GPU's
+    copy rate: half a device-to-device copy of that many bytes, the floor per pass over the scores."""
+    n = shape.B * shape.H * shape.L * shape.S
+    src = torch.empty(n, dtype=dtype_from_name(shape.dtype), device=device)
+    dst = torch.empty_like(src)
+    ms = measure.time_fn(lambda: dst.copy_(src), device, 200.0).ms
+    del src, dst
+    return ms * 1000 / 2
 
 
 def call_bucket(call):
@@ -156,6 +184,9 @@ def main() -> int:
     ap.add_argument("--grad", action="store_true", help="time forward+backward (every implementation)")
     ap.add_argument("--sweep", action="store_true",
                     help="sweep the tiers here even where a tuned entry exists, and list every swept variant")
+    ap.add_argument("--kernels", action="store_true",
+                    help="GPU: also list the kernels of our variant and of T1 per call, with the time one pass over "
+                         "the scores takes at this GPU's copy rate (what a kernel moving the scores is bound by)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = args.device
@@ -199,6 +230,13 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001
                     res[name] = (float("nan"), None)
                     console.print(f"{shape.label()} {name}: {type(exc).__name__}: {str(exc)[:120]}")
+            if args.kernels and torch.device(dev).type == "cuda":
+                console.print(f"{shape.label()}: one pass over the scores at the copy rate: "
+                              f"{score_pass_us(shape, dev):.0f} us")
+                for name, fn in ((f"ours: {var}", ours), ("noflash-attention T1", impls.get("noflash-attention T1"))):
+                    if fn is not None:
+                        console.print(f"  {name}, GPU kernels per call: " + "; ".join(
+                            f"{k[:60]} x{n:g} {us:.0f} us" for k, n, us in kernel_times(fn)[:6]))
             if args.sweep:
                 console.print(f"{shape.label()} sweep: " + ", ".join(
                     f"{name} {ms:.3f}" if isinstance(ms, float) else f"{name} {ms}" for name, ms in swept.items()))
