@@ -20,92 +20,65 @@ from noflash_tune.runtime.native import original_sdpa, pinned  # noqa: E402
 
 
 @triton.jit
-def _fwd(Q, K, V, O, sqh, sqm, skh, skn, svh, svn, soh, som, L, S, NUM_M, s_mul,
-         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LAZY: tl.constexpr, TAU: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = pid // NUM_M
-    pm = pid % NUM_M
-    rows = pm * BM + tl.arange(0, BM)
-    d = tl.arange(0, D)
-    ncol = tl.arange(0, BN)
-    qb = Q + bh.to(tl.int64) * sqh
-    kb = K + bh.to(tl.int64) * skh
-    vb = V + bh.to(tl.int64) * svh
-    q = tl.load(qb + rows[:, None] * sqm + d[None, :])
-    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, D], dtype=tl.float32)
-    hi = S // BN * BN  # (a computed bound: the interpreter cannot index with a raw scalar argument)
-    for n0 in range(0, hi, BN):
-        cols = n0 + ncol
-        kt = tl.load(kb + cols[:, None] * skn + d[None, :])
-        s = tl.dot(q, tl.trans(kt))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * s_mul)
-        if LAZY:
-            if tl.max(m_new - m_i, 0) > TAU:
-                alpha = tl.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            p = tl.exp2(s * s_mul - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-        else:
-            p = tl.exp2(s * s_mul - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        vt = tl.load(vb + cols[:, None] * svn + d[None, :])
-        acc = tl.dot(p.to(vt.dtype), vt, acc)
-    o = acc / l_i[:, None]
-    tl.store(O + bh.to(tl.int64) * soh + rows[:, None] * som + d[None, :], o.to(O.dtype.element_ty))
-
-
-@triton.jit
-def _fwd_skew(Q, K, V, O, sqh, sqm, skh, skn, svh, svn, soh, som, L, S, NUM_M, s_mul,
-              D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """The next block's QK^T issued before this block's softmax (FA3's intra-warpgroup overlap, by hand): the
-    asynchronous wgmma of block j+1 can run under the exp/max/sum of block j."""
-    pid = tl.program_id(0)
-    bh = pid // NUM_M
-    pm = pid % NUM_M
-    rows = pm * BM + tl.arange(0, BM)
-    d = tl.arange(0, D)
-    ncol = tl.arange(0, BN)
-    qb = Q + bh.to(tl.int64) * sqh
-    kb = K + bh.to(tl.int64) * skh
-    vb = V + bh.to(tl.int64) * svh
-    q = tl.load(qb + rows[:, None] * sqm + d[None, :])
-    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, D], dtype=tl.float32)
-    s = tl.dot(q, tl.trans(tl.load(kb + ncol[:, None] * skn + d[None, :])))
-    hi = S - BN
-    for n0 in range(0, hi, BN):
-        cols = n0 + ncol
-        kt = tl.load(kb + (cols + BN)[:, None] * skn + d[None, :])
-        s_next = tl.dot(q, tl.trans(kt))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * s_mul)
-        p = tl.exp2(s * s_mul - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(vb + cols[:, None] * svn + d[None, :])
-        acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
-        m_i = m_new
-        s = s_next
-    cols = hi + ncol
+def _step(s, vt, m_i, l_i, acc, s_mul):
+    """One key block of the template's online softmax: rescale by alpha = exp2(m_old - m_new), then P @ V."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * s_mul)
     p = tl.exp2(s * s_mul - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    vt = tl.load(vb + cols[:, None] * svn + d[None, :])
     acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd(Q, K, V, O, sqh, sqm, skh, skn, svh, svn, soh, som, L, S, NUM_M, s_mul,
+         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, TAU: tl.constexpr):
+    """MODE 0: the template's loop; 1: lazy rescaling (a stale max, rescaled only past TAU in log2 units); 2: the
+    next block's QK^T issued before this block's softmax (FA3's overlap by hand)."""
+    pid = tl.program_id(0)
+    bh = pid // NUM_M
+    pm = pid % NUM_M
+    rows = pm * BM + tl.arange(0, BM)
+    d = tl.arange(0, D)
+    ncol = tl.arange(0, BN)
+    kb = K + bh.to(tl.int64) * skh
+    vb = V + bh.to(tl.int64) * svh
+    q = tl.load(Q + bh.to(tl.int64) * sqh + rows[:, None] * sqm + d[None, :])
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    hi = S // BN * BN  # a computed bound: the interpreter cannot index with a raw scalar argument
+    if MODE == 2:
+        s = tl.dot(q, tl.trans(tl.load(kb + ncol[:, None] * skn + d[None, :])))
+        for n0 in range(0, hi - BN, BN):
+            cols = n0 + ncol
+            s_next = tl.dot(q, tl.trans(tl.load(kb + (cols + BN)[:, None] * skn + d[None, :])))
+            m_i, l_i, acc = _step(s, tl.load(vb + cols[:, None] * svn + d[None, :]), m_i, l_i, acc, s_mul)
+            s = s_next
+        m_i, l_i, acc = _step(s, tl.load(vb + (hi - BN + ncol)[:, None] * svn + d[None, :]), m_i, l_i, acc, s_mul)
+    else:
+        for n0 in range(0, hi, BN):
+            cols = n0 + ncol
+            s = tl.dot(q, tl.trans(tl.load(kb + cols[:, None] * skn + d[None, :])))
+            vt = tl.load(vb + cols[:, None] * svn + d[None, :])
+            if MODE == 1:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * s_mul)
+                if tl.max(m_new - m_i, 0) > TAU:
+                    alpha = tl.exp2(m_i - m_new)
+                    acc = acc * alpha[:, None]
+                    l_i = l_i * alpha
+                    m_i = m_new
+                p = tl.exp2(s * s_mul - m_i[:, None])
+                l_i = l_i + tl.sum(p, 1)
+                acc = tl.dot(p.to(vt.dtype), vt, acc)
+            else:
+                m_i, l_i, acc = _step(s, vt, m_i, l_i, acc, s_mul)
     o = acc / l_i[:, None]
     tl.store(O + bh.to(tl.int64) * soh + rows[:, None] * som + d[None, :], o.to(O.dtype.element_ty))
 
 
-def proto(q, k, v, bm, bn, nw, ns, lazy, tau=8.0):
-    """lazy: 0 the template's loop, 1 lazy rescaling, 2 the skewed loop."""
+def run(q, k, v, bm, bn, nw, ns, mode, tau=8.0):
+    """mode: 0 the template's loop, 1 lazy rescaling, 2 the skewed loop."""
     B, H, L, D = q.shape
     S = k.shape[2]
     o = torch.empty_like(q)
@@ -113,10 +86,7 @@ def proto(q, k, v, bm, bn, nw, ns, lazy, tau=8.0):
     num_m = L // bm
     args = (q3, k3, v3, o3, q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1),
             v3.stride(0), v3.stride(1), o3.stride(0), o3.stride(1), L, S, num_m, D ** -0.5 * 1.4426950408889634)
-    if lazy == 2:
-        _fwd_skew[(num_m * B * H,)](*args, D=D, BM=bm, BN=bn, num_warps=nw, num_stages=ns)
-    else:
-        _fwd[(num_m * B * H,)](*args, D=D, BM=bm, BN=bn, LAZY=lazy, TAU=tau, num_warps=nw, num_stages=ns)
+    _fwd[(num_m * B * H,)](*args, D=D, BM=bm, BN=bn, MODE=mode, TAU=tau, num_warps=nw, num_stages=ns)
     return o
 
 
@@ -143,15 +113,15 @@ def main():
                 rows.append((dist, f"product {bm}x{bn} w{nw} s{ns}", ms, fl / ms / 1e9, err / math_err))
             except Exception as e:  # noqa: BLE001
                 print("product", bm, bn, nw, ns, type(e).__name__, str(e)[:200])
-            for lazy in (0, 1, 2):
+            for mode in (0, 1, 2):
                 try:
-                    out = proto(q, k, v, bm, bn, nw, ns, lazy)
+                    out = run(q, k, v, bm, bn, nw, ns, mode)
                     err = (out.float() - ref).abs().max().item()
-                    ms = do_bench(lambda: proto(q, k, v, bm, bn, nw, ns, lazy), warmup=50, rep=300)
-                    rows.append((dist, f"proto {('plain', 'lazy', 'skewed')[lazy]} {bm}x{bn} w{nw} s{ns}", ms, fl / ms / 1e9,
+                    ms = do_bench(lambda: run(q, k, v, bm, bn, nw, ns, mode), warmup=50, rep=300)
+                    rows.append((dist, f"{('plain', 'lazy', 'skewed')[mode]} {bm}x{bn} w{nw} s{ns}", ms, fl / ms / 1e9,
                                  err / math_err))
                 except Exception as e:  # noqa: BLE001
-                    print("proto", lazy, bm, bn, nw, ns, type(e).__name__, str(e)[:300])
+                    print("loop", mode, bm, bn, nw, ns, type(e).__name__, str(e)[:300])
         print(f"{dist}: math bf16 max err {math_err:.3e}", flush=True)
     print(f"\nfwd D={D} N={N} B={B} H={H} bf16 ({torch.cuda.get_device_name()})")
     print(f"{'inputs':<8} {'kernel':<34} {'ms':>7} {'TFLOP/s':>8} {'err/math':>8}")
