@@ -166,9 +166,22 @@ def study_name(device_key: str, shape: Shape, device, families: tuple[str, ...] 
 
 
 @functools.lru_cache(maxsize=256)
+def cached_candidates(shape: Shape, device: str, families: tuple[str, ...] | None = None) -> Candidates:
+    """``candidates_for``, computed once a process per (shape, device, families): a study's name needs them, and
+    the pruning of a large space takes seconds. Read-only."""
+    return candidates_for(shape, device, families)
+
+
+@functools.lru_cache(maxsize=256)
 def _kept_hash(shape: Shape, device: str, families: tuple[str, ...] | None = None) -> str:
-    ids = sorted(variant_id(v) for v in candidates_for(shape, device, families).kept)
+    ids = sorted(variant_id(v) for v in cached_candidates(shape, device, families).kept)
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:10]
+
+
+def clear_candidate_caches() -> None:
+    """Forget the candidates and study names computed so far (after the pruning rules changed, as tests do)."""
+    cached_candidates.cache_clear()
+    _kept_hash.cache_clear()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -355,7 +368,7 @@ def search(shape: Shape, opts: TuneOptions, storage, progress=None, task=None, d
     a compilation. Without one, ``study.optimize`` runs the trials one by one.
     """
     dev_key = devmod.device_key(opts.device)
-    cands = candidates_for(shape, opts.device, opts.families)
+    cands = cached_candidates(shape, str(opts.device), opts.families)
     kept_ids = [variant_id(v) for v in cands.kept]
     exhaustive = len(kept_ids) <= EXHAUSTIVE_MAX
     with warnings.catch_warnings():
@@ -827,7 +840,8 @@ def tune_parallel(shapes: list[Shape], opts: TuneOptions, workers: int, console=
             n = 0
             for s in shapes:
                 try:
-                    st = optuna.load_study(study_name=study_name(dev_key, s, opts.device, opts.families), storage=storage)
+                    name = study_name(dev_key, s, opts.device, opts.families)
+                    st = optuna.load_study(study_name=name, storage=storage)
                     n += sum(t.state.is_finished() for t in st.get_trials(deepcopy=False))
                 except KeyError:
                     pass
@@ -842,7 +856,7 @@ def tune_parallel(shapes: list[Shape], opts: TuneOptions, workers: int, console=
     for s in shapes:
         study = optuna.load_study(study_name=study_name(dev_key, s, opts.device, opts.families), storage=storage)
         wait_for_others(study, opts.trial_timeout_s)  # tuning processes of other machines on this study
-        res = crown(study, s, opts, candidates_for(s, opts.device, opts.families))
+        res = crown(study, s, opts, cached_candidates(s, str(opts.device), opts.families))
         res.seconds = wall / len(shapes)
         results.append(res)
     return results

@@ -24,6 +24,15 @@ if os.environ.get("HYPOTHESIS_PROFILE"):
 _TMP = os.environ.setdefault("NOFLASH_TUNE_TEST_ROOT", "")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_candidates():
+    """Each test prunes afresh: the tuner caches a shape's candidates per process, and tests patch the rules."""
+    from noflash_tune import tuner
+
+    tuner.clear_candidate_caches()
+    yield
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("noflash-tune-home")

@@ -530,13 +530,13 @@ def test_a_study_resumed_by_a_version_that_prunes_differently_starts_afresh(tmp_
     monkeypatch.setattr(variants, "prune_reason", lambda v, call: (
         "pruned by the next version" if v.family == "torch_chunked" and v.params["block_m"] == 64
         else real(v, call)))
-    tuner._kept_hash.cache_clear()
+    tuner.clear_candidate_caches()
     more = tuner.TuneOptions(**{**opts.__dict__, "trials": 8})
     again, cands2 = tuner.search(shape, more, storage, runner=ReplayRunner())
     assert 64 not in {v.params["block_m"] for v in cands2.kept if v.family == "torch_chunked"}
     assert again.study_name != study.study_name
     assert len([t for t in again.trials if t.state == COMPLETE]) >= 4
-    tuner._kept_hash.cache_clear()
+    tuner.clear_candidate_caches()
 
 
 # --- analytic pruning before launch -------------------------------------------------------------------------
