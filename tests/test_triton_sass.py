@@ -1,4 +1,4 @@
-"""The Triton forward as it compiles for Hopper (sm_90), checked on a CPU: Triton cross-compiles with its bundled
+"""The Triton kernels as they compile for Hopper (sm_90), checked on a CPU: Triton cross-compiles with its bundled
 ptxas, and `bench/triton_sass.py` reads the cubin. What an H100/H200 user relies on: the tiles the tuner seeds
 first compile to warpgroup MMAs with 16-byte (or bulk tensor) loads and no register spills, and the
 warp-specialised variant really is warp-specialised."""
@@ -19,18 +19,22 @@ pytestmark = pytest.mark.skipif(not (TOOLS / "nvdisasm").exists() or not (TOOLS 
                                 reason="this triton build bundles no NVIDIA toolchain")
 
 
-def _compiled(tile, E, causal=False):
-    """bench/triton_sass.py's report for one tile, from a process without TRITON_INTERPRET (this suite's kernels
-    are interpreted; these are compiled)."""
+def _compiled_kernels(tile, E, causal=False, grad=False):
+    """bench/triton_sass.py's report for each kernel of one tile (the forward's, or with ``grad`` the backward's),
+    from a process without TRITON_INTERPRET (this suite's kernels are interpreted; these are compiled)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, str(REPO / "bench" / "triton_sass.py"), "--json", "-L", "1024", "-D", str(E),
-           "--tile", ",".join(map(str, tile))] + (["--causal"] if causal else [])
+           "--tile", ",".join(map(str, tile))] + (["--causal"] if causal else []) + (["--grad"] if grad else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rep = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "error" not in rep, rep
-    return rep
+    reps = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    assert reps and not [r for r in reps if "error" in r], reps
+    return reps
+
+
+def _compiled(tile, E, causal=False):
+    return _compiled_kernels(tile, E, causal)[-1]
 
 
 @pytest.mark.parametrize("E,causal", [(128, False), (64, True)])
@@ -51,3 +55,20 @@ def test_tma2_is_warp_specialised_for_hopper():
     rep = _compiled((128, 128, 4, 2, 0, 2), E=128)
     assert rep["warp-specialised"] and rep["warps"] > 4, rep
     assert rep["UTMALDG"] > 0 and rep["HGMMA"] > 0, rep
+
+
+@pytest.mark.parametrize("tile,E", [((64, 32, 8, 2, 128, 0), 512), ((64, 16, 8, 3, 128, 0), 512),
+                                    ((128, 64, 8, 3, 0, 0), 128)])
+def test_backward_tiles_are_pruned_exactly_when_their_kernels_pass_hoppers_shared_memory(tile, E):
+    """Training: the analytic pruning decides before any compile, from its shared-memory estimate, what the compiled
+    backward kernels (dK/dV, dQ) force at launch on Hopper (227 KiB a program): a split-D tile over it pruned, one
+    under it kept (a wrong estimate either wastes a 2-minute compile on a GPU or drops a tile that runs)."""
+    from noflash_tune.shapes import Shape
+    from noflash_tune.variants import Variant, prune_reason
+
+    largest = max(r["shared KiB"] for r in _compiled_kernels(tile, E, grad=True))
+    bm, bn, nw, ns, bd, tma = tile
+    call = Shape(B=1, H=2, L=1024, E=E, grad=True).planning_call("cpu")
+    reason = prune_reason(Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd,
+                                  tma=tma), call)
+    assert ("shared memory" in reason) == (largest > 227), (largest, reason)
