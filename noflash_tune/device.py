@@ -269,9 +269,14 @@ def triton_prune_reason(v: "Variant", call: "Call") -> str:
     limit = _shared_memory_bytes(call)
     stages = p["num_stages"]
     if bd:
-        # split-D forward: Q stays resident only while it fits in 64 KiB; K/V tiles are pipelined.
-        q_res = bm * e_pad * elt if bm * e_pad * elt <= 64 << 10 else bm * bd * elt
-        smem = q_res + stages * bn * (bd + min(bd, ev_pad)) * elt
+        # split-D forward (the template's `tiling`; compiled offline for sm_90 with bench/triton_sass.py): all of Q's
+        # tiles, and per stage the K tiles of the whole head dim plus the V tiles of this program's output group (as
+        # many as 128 accumulator registers a thread hold); with one stage, one operand tile at a time.
+        ne, ndv = -(-call.E // bd), -(-call.Ev // bd)
+        ntp = max(1, min(ndv, 1024 // bd, 128 * p["num_warps"] * 32 // (bm * bd)))
+        ntp = -(-ndv // -(-ndv // ntp))  # balanced over the groups
+        stream = stages * bn * (ne + ntp) * bd if stages > 1 else bn * bd
+        smem = (bm * ne * bd + stream) * elt
     else:
         smem = (bm * e_pad + stages * bn * (e_pad + ev_pad)) * elt
     if call.needs_grad:

@@ -57,18 +57,22 @@ def test_tma2_is_warp_specialised_for_hopper():
     assert rep["UTMALDG"] > 0 and rep["HGMMA"] > 0, rep
 
 
-@pytest.mark.parametrize("tile,E", [((64, 32, 8, 2, 128, 0), 512), ((64, 16, 8, 3, 128, 0), 512),
-                                    ((128, 64, 8, 3, 0, 0), 128)])
-def test_backward_tiles_are_pruned_exactly_when_their_kernels_pass_hoppers_shared_memory(tile, E):
-    """Training: the analytic pruning decides before any compile, from its shared-memory estimate, what the compiled
-    backward kernels (dK/dV, dQ) force at launch on Hopper (227 KiB a program): a split-D tile over it pruned, one
-    under it kept (a wrong estimate either wastes a 2-minute compile on a GPU or drops a tile that runs)."""
+@pytest.mark.parametrize("tile,E,grad", [
+    ((128, 64, 8, 2, 128, 0), 512, False), ((128, 32, 8, 2, 128, 0), 512, False),  # split-D forward: 320, 224 KiB
+    ((64, 32, 8, 2, 128, 0), 512, True), ((64, 16, 8, 3, 128, 0), 512, True),  # split-D backward: 256, 224 KiB
+    ((128, 64, 8, 3, 0, 0), 128, True),  # 161 KiB
+])
+def test_tiles_are_pruned_exactly_when_their_kernels_pass_hoppers_shared_memory(tile, E, grad):
+    """The analytic pruning decides before any compile, from its shared-memory estimate, what the compiled kernels
+    (the forward's, or the backward's dK/dV and dQ) force at launch on Hopper (227 KiB a program): a tile over it
+    pruned, one under it kept. A wrong estimate either wastes a compile on a GPU (2 minutes for a D=512 backward)
+    or drops a tile that runs."""
     from noflash_tune.shapes import Shape
     from noflash_tune.variants import Variant, prune_reason
 
-    largest = max(r["shared KiB"] for r in _compiled_kernels(tile, E, grad=True))
+    largest = max(r["shared KiB"] for r in _compiled_kernels(tile, E, grad=grad))
     bm, bn, nw, ns, bd, tma = tile
-    call = Shape(B=1, H=2, L=1024, E=E, grad=True).planning_call("cpu")
+    call = Shape(B=1, H=2, L=1024, E=E, grad=grad).planning_call("cpu")
     reason = prune_reason(Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd,
                                   tma=tma), call)
     assert ("shared memory" in reason) == (largest > 227), (largest, reason)
