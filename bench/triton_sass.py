@@ -3,6 +3,7 @@
     python bench/triton_sass.py --arch 90 -D 128 -L 4096 --tile 128,128,8,3,0,0
     python bench/triton_sass.py --arch 90 -D 128 --tile 128,128,8,3,0,1 --causal --sass out.sass
     python bench/triton_sass.py --arch 90 -D 512 --grad --tile 64,32,8,2,128,0     # the backward's kernels
+    python bench/triton_sass.py --arch 90 -D 512 --family triton_chunked --tile 2048,64,64,512,8,3
 
 What bench/NOTES.md asks of a kernel that misses its target: does the disassembly show HGMMA (Hopper's warpgroup
 MMA), are the global loads 16 bytes wide (LDG.E.128) or bulk tensor copies (UTMALDG), how many registers and how
@@ -86,7 +87,11 @@ def compile_variant(variant: Variant, shape: Shape, arch: int, grad: bool = Fals
     q, k, v, mask = shape.make_inputs("cpu")
     call = contract.normalize(q, k, v, mask, 0.0, shape.causal, None, shape.gqa > 1)
     spec = codegen.Specialization.of(call)
-    if grad:
+    if variant.family == "triton_chunked":  # the BLAS GEMM runs here on the CPU; its Triton kernel is captured
+        mod = codegen.load(variant, spec, 0)
+        launches = captured_launches(mod, ("_softmax_pv",), lambda: mod.forward(
+            call.q, call.k, call.v, call.mask, call.scale, 0.0, 0, False))
+    elif grad:
         mod = codegen.load(variant, spec, 1)
         B, H, L, _ = call.q.shape
         out = torch.zeros(B, H, L, call.v.shape[-1], dtype=call.q.dtype)
@@ -165,7 +170,9 @@ def main() -> int:
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--mask", default="none", choices=("none", "bool", "float"))
     ap.add_argument("--tile", action="append", required=True,
-                    help="BLOCK_M,BLOCK_N,num_warps,num_stages,BLOCK_D,tma (repeatable)")
+                    help="BLOCK_M,BLOCK_N,num_warps,num_stages,BLOCK_D,tma (repeatable); with --family triton_chunked "
+                         "block_m,BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages")
+    ap.add_argument("--family", default="triton", choices=("triton", "triton_chunked"))
     ap.add_argument("--grad", action="store_true", help="the backward's kernels (dK/dV, dQ) instead of the forward's")
     ap.add_argument("--sass", help="write the disassembly of the last tile here")
     ap.add_argument("--json", action="store_true", help="one JSON object per tile instead of a line of text")
@@ -173,8 +180,13 @@ def main() -> int:
     shape = Shape(B=args.B, H=args.H, Hkv=args.kv_heads, L=args.L, E=args.D, dtype=args.dtype, causal=args.causal,
                   mask=args.mask)
     for tile in args.tile:
-        bm, bn, nw, ns, bd, tma = (int(x) for x in tile.split(","))
-        var = Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
+        if args.family == "triton_chunked":
+            rows, bm, bn, bd, nw, ns = (int(x) for x in tile.split(","))
+            var = Variant("triton_chunked", block_m=rows, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw,
+                          num_stages=ns)
+        else:
+            bm, bn, nw, ns, bd, tma = (int(x) for x in tile.split(","))
+            var = Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
         try:
             kernels = compile_variant(var, shape, args.arch, grad=args.grad)
         except Exception as exc:  # noqa: BLE001 - a tile that does not compile is a result

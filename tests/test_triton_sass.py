@@ -19,17 +19,25 @@ pytestmark = pytest.mark.skipif(not (TOOLS / "nvdisasm").exists() or not (TOOLS 
                                 reason="this triton build bundles no NVIDIA toolchain")
 
 
-def _compiled_kernels(tile, E, causal=False, grad=False):
-    """bench/triton_sass.py's report for each kernel of one tile (the forward's, or with ``grad`` the backward's),
-    from a process without TRITON_INTERPRET (this suite's kernels are interpreted; these are compiled)."""
+def _report_lines(tile, E, causal=False, grad=False, family="triton"):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, str(REPO / "bench" / "triton_sass.py"), "--json", "-L", "1024", "-D", str(E),
-           "--tile", ",".join(map(str, tile))] + (["--causal"] if causal else []) + (["--grad"] if grad else [])
+           "--family", family, "--tile", ",".join(map(str, tile))] + (["--causal"] if causal else []) + \
+        (["--grad"] if grad else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    reps = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith("{")]
-    assert reps and not [r for r in reps if "error" in r], reps
+    # ptxas may print the PTX it refused (with braces of its own) to stdout: take the report lines only.
+    reps = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith('{"tile"')]
+    assert reps, proc.stdout[-2000:]
+    return reps
+
+
+def _compiled_kernels(tile, E, causal=False, grad=False):
+    """bench/triton_sass.py's report for each kernel of one tile (the forward's, or with ``grad`` the backward's),
+    from a process without TRITON_INTERPRET (this suite's kernels are interpreted; these are compiled)."""
+    reps = _report_lines(tile, E, causal, grad)
+    assert not [r for r in reps if "error" in r], reps
     return reps
 
 
@@ -76,3 +84,21 @@ def test_tiles_are_pruned_exactly_when_their_kernels_pass_hoppers_shared_memory(
     reason = prune_reason(Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd,
                                   tma=tma), call)
     assert ("shared memory" in reason) == (largest > 227), (largest, reason)
+
+
+@pytest.mark.parametrize("tile", [(1024, 64, 64, 512, 8, 3), (1024, 64, 128, 512, 8, 2), (1024, 128, 64, 512, 16, 2),
+                                  (1024, 128, 64, 256, 16, 2)])
+def test_triton_chunked_tiles_are_pruned_exactly_when_they_cannot_run(tile):
+    """D=512, the family that serves it: a tile is pruned before any compile exactly when its kernel cannot run on
+    Hopper: ptxas refuses it (16 warps leave 128 registers a thread: a 128x512 accumulator does not fit, 128x256
+    does) or it passes 227 KiB of shared memory (64x128 scores and 128x512 V tiles, 2 stages: 288 KiB)."""
+    from noflash_tune.shapes import Shape
+    from noflash_tune.variants import Variant, prune_reason
+
+    (rep,) = _report_lines(tile, 512, family="triton_chunked")
+    runs = "error" not in rep and rep["shared KiB"] <= 227
+    rows, bm, bn, bd, nw, ns = tile
+    call = Shape(B=1, H=2, L=1024, E=512).planning_call("cpu")
+    reason = prune_reason(Variant("triton_chunked", block_m=rows, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw,
+                                  num_stages=ns), call)
+    assert (reason == "") == runs, (rep, reason)
