@@ -13,19 +13,18 @@ from noflash_tune.runtime.native import original_sdpa  # noqa: E402
 from noflash_tune.variants import Variant  # noqa: E402
 
 B, H, N, D = 4, 8, 4096, 512
-SIDE = [torch.cuda.Stream(), torch.cuda.Stream()]
 
 
-def two_streams(mod, q, k, v, scale, causal, nstreams):
+def two_streams(mod, q, k, v, scale, causal, side):
     Bq, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(Bq, Hq, L, Ev, dtype=q.dtype, device=q.device)
     k3, v3 = k.reshape(Bq * Hkv, S, E), v.reshape(Bq * Hkv, S, Ev)
     kt3 = k3.transpose(1, 2)
     rows_max = min(mod.CHUNK_ROWS, L)
+    nstreams = len(side)
     bufs = [torch.empty(Bq * Hkv * rows_max * S, dtype=q.dtype, device=q.device) for _ in range(nstreams)]
     main = torch.cuda.current_stream()
-    side = SIDE[:nstreams]
     for st in side:
         st.wait_stream(main)
     for blk, i0 in enumerate(range(0, L, mod.CHUNK_ROWS)):
@@ -47,23 +46,29 @@ def two_streams(mod, q, k, v, scale, causal, nstreams):
     return out
 
 
-torch.manual_seed(0)
-q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-scale = D ** -0.5
-print(f"triton_chunked fwd D={D} N={N} B={B} H={H} bf16 ({torch.cuda.get_device_name()})")
-for causal in (False, True):
-    fl = 4 * B * H * N * N * D / (2 if causal else 1)
-    ref = original_sdpa(q.float(), k.float(), v.float(), is_causal=causal)
-    for rows in (1024, 2048, 4096):
-        mod = codegen.load(Variant("triton_chunked", block_m=rows, BLOCK_M=64, BLOCK_N=64, BLOCK_D=512, num_warps=8,
-                                   num_stages=3), codegen.Specialization(causal=causal))
-        for ns in (0, 1, 2):
-            fn = (lambda: mod.forward(q, k, v, None, scale, 0.0, None, False)[0]) if ns == 0 else \
-                (lambda: two_streams(mod, q, k, v, scale, causal, ns))
-            try:
-                err = (fn().float() - ref).abs().max().item()
-                ms = do_bench(fn, warmup=25, rep=200)
-                print(f"  causal={causal} block_m={rows} {'module' if ns == 0 else f'{ns} stream(s)'}: {ms:.3f} ms "
-                      f"{fl / ms / 1e9:6.1f} TFLOP/s max err {err:.2e}", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"  causal={causal} block_m={rows} ns={ns}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+def main():
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scale = D ** -0.5
+    print(f"triton_chunked fwd D={D} N={N} B={B} H={H} bf16 ({torch.cuda.get_device_name()})")
+    for causal in (False, True):
+        fl = 4 * B * H * N * N * D / (2 if causal else 1)
+        ref = original_sdpa(q.float(), k.float(), v.float(), is_causal=causal)
+        for rows in (1024, 2048, 4096):
+            mod = codegen.load(Variant("triton_chunked", block_m=rows, BLOCK_M=64, BLOCK_N=64, BLOCK_D=512, num_warps=8,
+                                       num_stages=3), codegen.Specialization(causal=causal))
+            for ns in (0, 1, 2):
+                fn = (lambda: mod.forward(q, k, v, None, scale, 0.0, None, False)[0]) if ns == 0 else \
+                    (lambda: two_streams(mod, q, k, v, scale, causal, streams[:ns]))
+                try:
+                    err = (fn().float() - ref).abs().max().item()
+                    ms = do_bench(fn, warmup=25, rep=200)
+                    print(f"  causal={causal} block_m={rows} {'module' if ns == 0 else f'{ns} stream(s)'}: {ms:.3f} ms "
+                          f"{fl / ms / 1e9:6.1f} TFLOP/s max err {err:.2e}", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  causal={causal} block_m={rows} ns={ns}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
