@@ -207,11 +207,10 @@ def _settle_unstamped(study: optuna.Study, poll_s: float = 0.1) -> None:
     """Wait while a RUNNING trial is unstamped and younger than the grace (at most that long): its process either
     stamps it within milliseconds or was killed in that window, and is judged once the grace has passed. A run
     resumed right after such a kill thus recovers the trial instead of leaving it RUNNING for good."""
+    host = socket.gethostname()
     deadline = time.monotonic() + UNSTAMPED_GRACE_S
     while time.monotonic() < deadline:
-        now = datetime.datetime.now()
-        if not any("host" not in t.user_attrs and t.datetime_start is not None
-                   and (now - t.datetime_start).total_seconds() <= UNSTAMPED_GRACE_S
+        if not any("host" not in t.user_attrs and not _orphaned(t, host)
                    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))):
             return
         time.sleep(poll_s)
