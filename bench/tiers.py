@@ -31,12 +31,13 @@ from noflash_tune.runtime.native import original_sdpa, pinned  # noqa: E402
 from noflash_tune.shapes import Shape, dtype_from_name  # noqa: E402
 from noflash_tune.variants import Variant  # noqa: E402
 
-SWEEP = [Variant("torch_chunked", block_m=m) for m in (32, 64, 128, 256, 512)] + \
+SWEEP = [Variant("torch_chunked", block_m=m, softmax=s) for m in (32, 64, 128, 256, 512) for s in ("fused", "exp")] + \
         [Variant("torch_online", block_m=m, block_n=n) for m in (64, 128, 256) for n in (256, 1024)] + \
         [Variant("torch_inplace", block_m=m) for m in (32, 64, 128)]
 # On a GPU the query-chunked tier also spreads its blocks over side streams, and larger blocks feed the P @ V GEMM
 # (whose output is only rows x Ev per head) enough tiles to fill the chip.
-SWEEP_GPU = [Variant("torch_chunked", block_m=m, streams=st) for m in (128, 256, 512, 1024, 2048) for st in (1, 2, 3)] + \
+SWEEP_GPU = [Variant("torch_chunked", block_m=m, streams=st, softmax=s) for m in (128, 256, 512, 1024, 2048)
+             for st in (1, 2, 3) for s in ("fused", "exp")] + \
             [Variant("torch_online", block_m=m, block_n=1024) for m in (128, 256)] + [Variant("torch_inplace", block_m=128)]
 # --graph --sweep: the query-chunked tier replayed from a CUDA graph, down to blocks whose scores stay in L2 (the
 # host's per-kernel launch cost, which makes small blocks lose when run eagerly, is gone under a replay).

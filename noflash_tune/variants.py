@@ -120,6 +120,10 @@ def _torch_prune_reason(v: "Variant", call: "Call") -> str:
         return "keep_p=1 only changes a call that needs grad (the same forward otherwise)"
     if p.get("keep_p") and call.dropout_p > 0:
         return "keep_p=1 is not rendered with dropout (the backward needs the undropped P)"
+    if p.get("softmax") == "exp":
+        why = _exp_softmax_reason(v, call)
+        if why:
+            return why
     comp = p["compute"]
     if comp != "input" and dtype_from_name(comp) == dt:
         return "compute equals the input dtype (same as 'input')"
@@ -139,6 +143,25 @@ def _torch_prune_reason(v: "Variant", call: "Call") -> str:
         return "half-precision softmax is slower than fp32 on CPU"
     if cdt in (torch.float16, torch.bfloat16) and not on_gpu and dt != cdt:
         return "half-precision GEMMs are slower than fp32 on CPU"
+    return ""
+
+
+def _exp_softmax_reason(v: "Variant", call: "Call") -> str:
+    """Why softmax="exp" would render or run as the fused softmax for ``call`` (the same variant twice), or ''."""
+    p = v.params
+    if p.get("keep_p") and call.needs_grad:
+        return "softmax=exp keeps no normalised P for keep_p=1"
+    if call.dropout_p > 0:
+        return "softmax=exp is rendered as the fused softmax with dropout"
+    if call.mask_kind == "float":
+        return "softmax=exp is rendered as the fused softmax with a float mask"
+    cdt = compute_dtype(v, call.q.dtype)
+    if cdt not in (torch.bfloat16, torch.float32, torch.float64):
+        return f"softmax=exp needs an 8-bit exponent; {DTYPE_NAMES.get(cdt, cdt)}'s exp overflows past 11"
+    if p["accumulation"] == "fp32" and cdt == torch.bfloat16:
+        return "softmax=exp with fp32 scores only adds traffic: with bf16 scores its error is already the math path's"
+    if cdt == torch.bfloat16 and call.q.device.type == "cpu":
+        return "softmax=exp needs an fp32-output bf16 GEMM, which the CPU lacks"
     return ""
 
 
@@ -166,11 +189,14 @@ _register(Family(
     name="torch_chunked",
     kind="torch",
     space={"block_m": POW2_BLOCKS[1:], "compute": COMPUTE_CHOICES, "accumulation": ACCUMULATION_CHOICES,
-           "streams": (1, 2, 3, 4), "keep_p": (0, 1)},
+           "streams": (1, 2, 3, 4), "keep_p": (0, 1), "softmax": ("fused", "exp")},
     # The fused softmax works in fp32 inside, so P in the compute dtype rounds exactly as an fp32 P cast down.
     # streams > 1 (GPUs only) overlaps one query block's softmax with another's GEMMs. keep_p=1 keeps the
     # forward's P for the backward (L x S of memory, one GEMM and two passes a block less); it only matters with grad.
-    defaults={"block_m": 256, "compute": "input", "accumulation": "native", "streams": 1, "keep_p": 0},
+    # softmax="exp" leaves P unnormalised where the logits' range allows (the row sums ride on the P @ V GEMM): one
+    # pass over the scores instead of the fused softmax's two.
+    defaults={"block_m": 256, "compute": "input", "accumulation": "native", "streams": 1, "keep_p": 0,
+              "softmax": "fused"},
     templates=("torch/chunked.py.j2",),
     reasons_fn=_common_torch_reasons,
     prune_fn=_torch_prune_reason,
@@ -292,6 +318,8 @@ def seed_variants(family: str, call: "Call") -> list["Variant"]:
     elif family == "torch_chunked" and call.q.device.type == "cuda":
         if call.needs_grad:  # the forward's P kept for the backward: one GEMM and two passes a block less
             out += [Variant(family, block_m=bm, streams=st, keep_p=1) for bm, st in CHUNKED_SEEDS_GPU[:2]]
+        if call.dropout_p == 0 and call.mask_kind != "float":
+            out += [Variant(family, block_m=bm, streams=st, softmax="exp") for bm, st in CHUNKED_SEEDS_GPU]
         out += [Variant(family, block_m=bm, streams=st) for bm, st in CHUNKED_SEEDS_GPU]
     return list(dict.fromkeys(out))
 

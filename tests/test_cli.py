@@ -179,7 +179,7 @@ def _fake_times(monkeypatch, times: dict):
 
 def test_verify_verdicts_follow_the_measurements(tmp_path, monkeypatch):
     winner, runner_up = "torch_online(accumulation=fp32, block_m=64, block_n=64, compute=input)", \
-        "torch_chunked(accumulation=native, block_m=64, compute=input, keep_p=0, streams=1)"
+        "torch_chunked(accumulation=native, block_m=64, compute=input, keep_p=0, softmax=fused, streams=1)"
     argv = ["verify", None, "--gpu", "cpu", "--in-process"]
 
     # Native was faster when tuned and still is: the runtime serves native; nothing changed, nothing flagged.

@@ -51,10 +51,10 @@ def _mask_shape(pattern, B, H, L, S):
     ev_differs=st.booleans(), mask=st.sampled_from(["none", "bool", "float"]),
     mask_shape=st.sampled_from(MASK_SHAPES), causal=st.booleans(), grads=st.booleans(),
     tier=st.sampled_from(TIERS), block=st.sampled_from([32, 64]), seed=st.integers(0, 2**16),
-    scale=st.sampled_from([None, 0.3, -0.7]),
+    scale=st.sampled_from([None, 0.3, -0.7]), softmax=st.sampled_from(["fused", "exp"]),
 )
 def test_tiers_match_math_under_the_2x_rule(B, Hkv, groups, L, S, E, ev_differs, mask, mask_shape, causal, grads,
-                                             tier, block, seed, scale):
+                                             tier, block, seed, scale, softmax):
     if causal and mask != "none":
         causal = False
     if tier == "torch_inplace":
@@ -72,6 +72,8 @@ def test_tiers_match_math_under_the_2x_rule(B, Hkv, groups, L, S, E, ev_differs,
     variant = Variant(tier, block_m=block)
     if tier == "torch_online":
         variant = variant.replace(block_n=64)
+    if tier == "torch_chunked":
+        variant = variant.replace(softmax=softmax)
 
     def run(q, k, v, **kw):
         return noflash_tune.attention(q, k, v, variant=variant, **kw)
@@ -299,6 +301,72 @@ CHUNKED_GRAD_CASES = {  # B=2, Hkv=2, 3 heads per kv head, L=77, S=93, E=40, Ev=
 }
 
 
+def _exp_module(dtype):
+    """The rendered torch_chunked module with softmax="exp" (its range check is a module function)."""
+    from noflash_tune import codegen
+
+    return codegen.load(Variant("torch_chunked", softmax="exp", compute="input"), codegen.Specialization())
+
+
+EXP_DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+@pytest.mark.parametrize("device", EXP_DEVICES)
+@pytest.mark.parametrize("causal,mask,groups", [(False, None, 1), (True, None, 3), (False, "bool", 2)])
+@pytest.mark.parametrize("logit", [3.0, 60.0, 400.0], ids=["small", "near-limit", "past-limit"])
+def test_chunked_exp_softmax_is_exact_below_its_range_limit_and_falls_back_past_it(device, causal, mask, groups,
+                                                                                   logit):
+    """softmax="exp" (P = exp(s) unnormalised, row sums from the P @ V GEMM) meets the 2x rule wherever it runs:
+    small logits, logits of 60 (exp(60) in the row sums, no max subtracted), and past its limit, where the range
+    check sends the call to the fused softmax (400: exp would overflow). GQA, causal L != S, a fully masked row,
+    several blocks and a ragged last one; fp32 and fp64 on the CPU, bf16 and fp32 on a GPU."""
+    dtypes = (torch.float32, torch.float64) if device == "cpu" else (torch.bfloat16, torch.float32)
+    for dtype in dtypes:
+        gen = torch.Generator().manual_seed(8)
+        B, Hkv, L, S, E, Ev = 2, 2, 77, 93, 64, 40
+        q = torch.randn(B, Hkv * groups, L, E, generator=gen)
+        k = torch.randn(B, Hkv, S, E, generator=gen)
+        q = q / q.norm(dim=-1, keepdim=True) * math.sqrt(logit * math.sqrt(E))  # |scale q.k| <= logit
+        k = k / k.norm(dim=-1, keepdim=True) * math.sqrt(logit * math.sqrt(E))
+        k[:, :, 7] = q[:, ::groups, 11]  # one key aligned with one query: that row's logit reaches the bound
+        v = torch.randn(B, Hkv, S, Ev, generator=gen)
+        m = None
+        if mask == "bool":
+            m = torch.rand(L, S, generator=gen) > 0.3
+            m[5] = False
+            m = m.to(device)
+        q, k, v = (t.to(device, dtype) for t in (q, k, v))
+        fits = _exp_module(dtype)._exp_fits(q, k, v, 1 / math.sqrt(E), dtype)
+        assert fits == (logit < 70), f"{dtype} logits {logit}: range check said {fits}"
+        variant = Variant("torch_chunked", block_m=32, softmax="exp")
+
+        def run(q, k, v, **kw):
+            return noflash_tune.attention(q, k, v, variant=variant, **kw)
+
+        acc = check_accuracy(run, q, k, v, m, causal=causal, enable_gqa=groups > 1)
+        assert acc.ok, f"{dtype} logits {logit}: {acc}"
+        out = run(q, k, v, attn_mask=m, is_causal=causal, enable_gqa=groups > 1)
+        if m is not None:
+            assert torch.all(out[:, :, 5] == 0), "a fully masked row outputs zeros"
+
+
+def test_chunked_exp_softmax_range_check_refuses_fp16_nan_and_huge_values():
+    """The unnormalised path is refused where it could not be exact: fp16 compute (exp overflows past 11), a NaN or
+    inf anywhere in q/k/v, and values of v so large that P @ V would leave fp32's range."""
+    mod = _exp_module(torch.float32)
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 33, 16, generator=gen) for _ in range(3))
+    sc = 0.25
+    assert mod._exp_fits(q, k, v, sc, torch.float32)
+    assert not mod._exp_fits(q.half(), k.half(), v.half(), sc, torch.float16)
+    for t in (q, k, v):
+        bad = t.clone()
+        bad[0, 1, 3, 2] = float("nan")
+        assert not mod._exp_fits(*(bad if x is t else x for x in (q, k, v)), sc, torch.float32)
+    assert not mod._exp_fits(q, k, v * 1e30, sc, torch.float32)
+
+
 def _chunked_grad_inputs(spec: dict, dtype, seed: int):
     """q, k, v (GQA 3, Ev != E, odd L and S) and the case's mask in ``dtype``, with a fully masked row (5)."""
     gen = torch.Generator().manual_seed(seed)
@@ -321,14 +389,16 @@ def _chunked_grad_inputs(spec: dict, dtype, seed: int):
 @pytest.mark.parametrize("dtype,accumulation", [(torch.float32, "native"), (torch.bfloat16, "fp32"),
                                                 (torch.bfloat16, "native")], ids=["fp32", "bf16-fp32acc", "bf16"])
 @pytest.mark.parametrize("case", list(CHUNKED_GRAD_CASES))
-def test_chunked_gradients_under_the_2x_rule(dtype, accumulation, case):
+@pytest.mark.parametrize("softmax", ["fused", "exp"])
+def test_chunked_gradients_under_the_2x_rule(dtype, accumulation, case, softmax):
     """Every gradient of the query-chunked tier (dq, dk, dv and a float mask's) meets the 2x rule in fp32 and bf16,
-    with GQA, Ev != E, causal with L != S, broadcast masks and a fully masked row."""
+    with GQA, Ev != E, causal with L != S, broadcast masks and a fully masked row; under either softmax of the
+    forward (the backward recomputes P with the fused one)."""
     spec = CHUNKED_GRAD_CASES[case]
     q, k, v, m = _chunked_grad_inputs(spec, dtype, seed=5)
     if m is not None and m.dtype != torch.bool:
         m.requires_grad_(True)
-    variant = Variant("torch_chunked", block_m=32, accumulation=accumulation)
+    variant = Variant("torch_chunked", block_m=32, accumulation=accumulation, softmax=softmax)
 
     def run(q, k, v, **kw):
         return noflash_tune.attention(q, k, v, variant=variant, **kw)

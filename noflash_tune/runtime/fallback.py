@@ -67,6 +67,8 @@ def workspace_bytes(variant: Variant, call) -> int:
     ws = factor * per_block + B * H * rows * (E + Ev) * 4
     if cdt != call.dtype:
         ws += B * call.Hkv * S * (E + Ev) * _elt(cdt)
+    if p.get("softmax") == "exp":  # V with its column of ones, and a block's fp32 P @ V
+        ws += B * call.Hkv * S * (Ev + 8) * _elt(cdt) + B * H * rows * (Ev + 8) * 4
     if call.needs_grad:
         ws += 4 * per_block + B * call.Hkv * S * (E + Ev) * 4 + B * H * L * (E + Ev) * 4
         if p.get("keep_p") and call.dropout_p == 0:  # every block's P, kept from the forward
