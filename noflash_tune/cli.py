@@ -287,10 +287,15 @@ def cmd_doctor(args) -> int:
         path = cfg.source
         n = sum(1 for e in cs.entries if e.source == path)
         stale = sum(1 for e in cs.entries if e.source == path and e.stale)
-        # A file earlier in the search order takes the buckets both hold: say so, not "0 entries".
-        held = len(cfg.entries)
-        shadowed = f", {held - n} shadowed by a file searched earlier" if held > n else ""
-        console.print(f"         {path}: {n} entries in use{shadowed}" + (f", [yellow]{stale} stale[/]" if stale else ""))
+        # The buckets this file holds that another file serves: an earlier file's (first wins), or a later file's
+        # fresh entry where this one is stale. Say which, not "0 entries".
+        order = {p: i for i, p in enumerate(cs.searched)}
+        lost = [cs.get(k) for k in cfg.entries if cs.get(k) is not None and cs.get(k).source != path]
+        earlier = sum(1 for e in lost if order.get(e.source, 0) < order.get(path, 0))
+        notes = ([f"{earlier} shadowed by a file searched earlier"] if earlier else []) + (
+            [f"{len(lost) - earlier} stale, served from a fresh entry of a later file"] if len(lost) > earlier else [])
+        console.print(f"         {path}: {n} entries in use" + "".join(", " + s for s in notes)
+                      + (f", [yellow]{stale} stale[/]" if stale else ""))
     for path, why in cs.skipped:
         console.print(f"         [red]skipped[/] {path}: {why}")
     if not cs.files:

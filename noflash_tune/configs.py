@@ -42,7 +42,8 @@ Guarantees
   :class:`ConfigWarning` for the file.
 - :func:`load_for_device` never raises for a bad file: it skips it with exactly one :class:`ConfigWarning` naming
   the file and the reason. Directories are merged first-wins per bucket key (``NOFLASH_TUNE_CONFIGS`` dirs, the
-  user dir, the shipped dir; see :func:`noflash_tune.paths.config_dirs`).
+  user dir, the shipped dir; see :func:`noflash_tune.paths.config_dirs`), except that a stale entry yields its
+  bucket to a fresh one from a later dir.
 - Staleness (the strict fingerprint): an entry is served but marked ``.stale`` (with the reason) when the file's
   torch major.minor differs from this machine's, or, where it matters for the winner, its triton version (Triton
   winners) or the templates hash of the winner's family (any winner rendered from a template, i.e. not
@@ -853,7 +854,11 @@ def load_for_device(device_key: str, dirs: Iterable[Path | str] | None = None, *
         _mark_stale(cfg, now)
         out.loaded.append(cfg)
         for key, e in cfg.entries.items():
-            out.by_key.setdefault(key, e)
+            held = out.by_key.get(key)
+            # First dir wins a bucket, except that a stale entry yields it to a fresh one from a later dir: a
+            # user's own tuning from before an upgrade must not hide the entries the new version ships.
+            if held is None or (held.stale and not e.stale):
+                out.by_key[key] = e
     return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import subprocess
@@ -268,4 +269,14 @@ def test_doctor_counts_the_entries_a_file_searched_earlier_takes_over(tmp_path, 
     out = " ".join(capsys.readouterr().out.split())  # a long tmp path may wrap the line
     assert f"{first / (KEY + '.json')}: 1 entries in use" in out
     assert f"{second / (KEY + '.json')}: 0 entries in use, 1 shadowed by a file searched earlier" in out
+
+    # The first file tuned under another torch: its stale entry yields the bucket to the second's fresh one.
+    stale_file = configs.load_file(first / f"{KEY}.json")
+    stale_file = dataclasses.replace(stale_file, device=dataclasses.replace(stale_file.device, torch="2.0.0"))
+    configs.write_file(first / f"{KEY}.json", stale_file, merge=False)
+    clear_cache()
+    assert cli.main(["doctor", "--gpu", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"{first / (KEY + '.json')}: 0 entries in use, 1 stale, served from a fresh entry of a later file" in out
+    assert f"{second / (KEY + '.json')}: 1 entries in use" in out
     clear_cache()

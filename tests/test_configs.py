@@ -385,6 +385,22 @@ def test_first_dir_wins_over_env_user_and_given_dirs(tmp_path, monkeypatch):
     assert cs2.get(a.bucket().key).ms == 3.0
 
 
+def test_a_stale_entry_of_an_earlier_dir_yields_its_bucket_to_a_fresh_one(tmp_path):
+    """After an upgrade the user dir's own tuning is stale (another torch here) while the shipped file is fresh:
+    the fresh entry serves that bucket; where both are stale, or both fresh, the earlier dir still wins."""
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    a, b = shape(L=64), shape(L=1024)
+    C.write_file(user / f"{KEY}.json", cfgfile([entry(a, ms=1.0), entry(b, ms=1.0)], dev=device(torch="2.4.0")))
+    C.write_file(shipped / f"{KEY}.json", cfgfile([entry(a, ms=2.0)]))
+    cs, ws = load_counting([user, shipped])
+    assert ws == []
+    assert (cs.get(a.bucket().key).ms, cs.get(a.bucket().key).stale) == (2.0, "")
+    assert cs.get(b.bucket().key).ms == 1.0 and cs.get(b.bucket().key).stale  # nothing fresh for it: served, flagged
+    C.write_file(shipped / f"{KEY}.json", cfgfile([entry(a, ms=2.0)], dev=device(torch="2.4.0")), merge=False)
+    cs, _ = load_counting([user, shipped])
+    assert cs.get(a.bucket().key).ms == 1.0  # both stale: first dir wins
+
+
 def test_lookup_exact_then_nearest_same_family_then_none(tmp_path):
     es = [entry(shape(L=512), ms=1.0), entry(shape(L=4096), ms=2.0), entry(shape(L=1024, causal=True), ms=3.0),
           entry(shape(L=65536, grad=True), ms=9.0)]
