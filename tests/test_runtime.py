@@ -179,6 +179,21 @@ def test_native_serves_where_it_measured_faster(rt, tmp_path):
     assert torch.equal(out, original_sdpa(q, k, v))
 
 
+@pytest.mark.parametrize("ours_ms,served_by_us", [(0.97, True), (0.99, False), (1.0, False)])
+def test_a_tuned_win_within_the_tie_margin_leaves_the_call_to_native(rt, tmp_path, ours_ms, served_by_us):
+    """Ours serves only where it measured more than NATIVE_TIE (2%) faster than native: a 1% win is a tie under
+    the machine's run-to-run spread, and native keeps the call."""
+    from noflash_tune.runtime.dispatch import NATIVE_TIE
+
+    assert NATIVE_TIE == 0.02
+    record_configs(rt, tmp_path, tuned_entry(ours_ms=ours_ms, native_ms=1.0))
+    plan = noflash_tune.explain(*qkv(L=256))
+    assert (plan.variant == TUNED) == served_by_us, str(plan)
+    if not served_by_us:
+        assert plan.variant == Variant("native:flash") and "native flash" in plan.reason
+        assert ("within 2% of ours" in plan.reason) == (ours_ms < 1.0)
+
+
 def test_untuned_calls_pass_through_pinned_to_the_native_backend_fastest_in_this_devices_buckets(rt, tmp_path):
     record_configs(rt, tmp_path, tuned_entry(ours_ms=3.0, native_ms=1.0))  # non-causal: native flash fastest
     q, k, v = qkv(L=256)

@@ -26,6 +26,11 @@ OUR_FAMILIES = ("triton", "triton_chunked") + TIER_ORDER
 # Without a measurement, serve a call that native would run on its math path once math's fp32 score matrix
 # reaches this size: below it, math's single GEMM is as fast and memory is not at stake.
 MATH_SCORES_BYTES = 64 << 20
+# A tuned variant of ours serves only where it measured this much faster than the bucket's native backend: within
+# it the two are a tie under the machine's run-to-run spread (2-5% on the lent GPUs), and native, the reference
+# implementation with no dispatch of its own, keeps the call (bench/NOTES.md, round 8: a 0.03% tuner win at D=64
+# N=16k re-measured 5% behind cuDNN).
+NATIVE_TIE = 0.02
 
 
 @dataclass
@@ -214,10 +219,11 @@ def build_plan(call: contract.Call) -> Plan:
                 (v, ms) for v, ms in entry.runners_up).get(mine, entry.ms)
             if force:
                 return ours(mine, "tuned", f"NOFLASH_TUNE_FORCE=1; tuned ({where}): {mine_ms:.3g} ms", entry)
-            if nat is None or mine_ms < nat[1]:
+            if nat is None or mine_ms < nat[1] * (1 - NATIVE_TIE):
                 vs = f" vs native {nat[0]} {nat[1]:.3g} ms" if nat else ""
                 return ours(mine, "tuned", f"tuned ({where}): {mine_ms:.3g} ms{vs}", entry)
-            return native("tuned", f"tuned ({where}): native {nat[0]} {nat[1]:.3g} ms beats ours "
+            verdict = "beats" if nat[1] <= mine_ms else f"is within {NATIVE_TIE:.0%} of"
+            return native("tuned", f"tuned ({where}): native {nat[0]} {nat[1]:.3g} ms {verdict} ours "
                                    f"{mine_ms:.3g} ms", entry, nat[0])
         if not force and nat is not None:
             return native("tuned", f"tuned ({where}): native {nat[0]} {nat[1]:.3g} ms was fastest", entry, nat[0])
