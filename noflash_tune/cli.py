@@ -290,7 +290,7 @@ def cmd_doctor(args) -> int:
         # The buckets this file holds that another file serves: an earlier file's (first wins), or a later file's
         # fresh entry where this one is stale. Say which, not "0 entries".
         order = {p: i for i, p in enumerate(cs.searched)}
-        lost = [cs.get(k) for k in cfg.entries if cs.get(k) is not None and cs.get(k).source != path]
+        lost = [e for e in map(cs.get, cfg.entries) if e is not None and e.source != path]
         earlier = sum(1 for e in lost if order.get(e.source, 0) < order.get(path, 0))
         notes = ([f"{earlier} shadowed by a file searched earlier"] if earlier else []) + (
             [f"{len(lost) - earlier} stale, served from a fresh entry of a later file"] if len(lost) > earlier else [])
