@@ -318,8 +318,8 @@ def seed_variants(family: str, call: "Call") -> list["Variant"]:
     elif family == "torch_chunked" and call.q.device.type == "cuda":
         if call.needs_grad:  # the forward's P kept for the backward: one GEMM and two passes a block less
             out += [Variant(family, block_m=bm, streams=st, keep_p=1) for bm, st in CHUNKED_SEEDS_GPU[:2]]
-        if call.dropout_p == 0 and call.mask_kind != "float":
-            out += [Variant(family, block_m=bm, streams=st, softmax="exp") for bm, st in CHUNKED_SEEDS_GPU]
+        # The exp softmax first (the pruning drops it where it would run as the fused one: dropout, float masks).
+        out += [Variant(family, block_m=bm, streams=st, softmax="exp") for bm, st in CHUNKED_SEEDS_GPU]
         out += [Variant(family, block_m=bm, streams=st) for bm, st in CHUNKED_SEEDS_GPU]
     return list(dict.fromkeys(out))
 
