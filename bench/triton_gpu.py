@@ -14,6 +14,8 @@ line. The table comes last; --out writes every measurement as JSON.
 --jobs N compiles the configs first in N worker processes (Triton's disk cache), which saves most of the wall time.
 --family triton_chunked sweeps that family's tiles instead (block_m, BLOCK_M x BLOCK_N, BLOCK_D, warps, stages: its
 seeds, then a grid), on the forward cases only (the family is inference only); the D=512 cases are where it serves.
+--family triton_ws sweeps the warp-specialised Gluon forward (BLOCK_N, stages, ping-pong) on the unmasked forward
+cases with a head dim of 64 to 256 (Hopper only).
 """
 from __future__ import annotations
 
@@ -80,8 +82,13 @@ def config_list(kind: str, D: int, quick: bool):
     """The tuner's seed tiles for this head dim (noflash_tune.variants.TRITON_SEEDS_*), as
     (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D, tma); for triton_chunked its seeds then its grid, as
     (block_m, BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)."""
-    from noflash_tune.variants import TRITON_CHUNKED_SEEDS, TRITON_SEEDS_FWD, triton_seed_class, triton_seed_tiles
+    from noflash_tune.variants import (FAMILIES, TRITON_CHUNKED_SEEDS, TRITON_SEEDS_FWD, TRITON_WS_SEEDS,
+                                       triton_seed_class, triton_seed_tiles)
 
+    if FAMILY == "triton_ws":
+        sp = FAMILIES["triton_ws"].space
+        grid = [(bn, ns, pp) for bn in sp["BLOCK_N"] for ns in sp["num_stages"] for pp in sp["pingpong"]]
+        return list(dict.fromkeys(list(TRITON_WS_SEEDS) + ([] if quick else grid)))
     if FAMILY == "triton_chunked":
         grid = [(c, *tile) for tile in CHUNKED_TILES for c in CHUNKED_BLOCKS]
         return list(dict.fromkeys(list(TRITON_CHUNKED_SEEDS) + ([] if quick else grid)))
@@ -98,6 +105,9 @@ def config_list(kind: str, D: int, quick: bool):
 def variant_of(cfg, compute="input"):
     from noflash_tune.variants import Variant
 
+    if FAMILY == "triton_ws":
+        bn, ns, pp = cfg
+        return Variant("triton_ws", BLOCK_N=bn, num_stages=ns, pingpong=pp)
     if FAMILY == "triton_chunked":
         rows, bm, bn, bd, nw, ns = cfg
         return Variant("triton_chunked", block_m=rows, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw,
@@ -108,6 +118,9 @@ def variant_of(cfg, compute="input"):
 
 
 def cfg_str(cfg):
+    if FAMILY == "triton_ws":
+        bn, ns, pp = cfg
+        return f"ws/128x{bn}/s{ns}" + ("/pingpong" if pp else "")
     if FAMILY == "triton_chunked":
         rows, bm, bn, bd, nw, ns = cfg
         return f"bm{rows}/{bm}x{bn}/d{bd}/w{nw}/s{ns}"
@@ -214,13 +227,14 @@ def our_call(case, q, k, v, m):
 
 
 def run_ours(case, variant, q, k, v, m, dout=None):
-    from noflash_tune.runtime.triton_op import triton_attention, triton_chunked_attention
+    from noflash_tune.runtime.triton_op import triton_attention, triton_inference_attention
+    from noflash_tune.variants import FAMILIES
 
     for t in (q, k, v):
         t.grad = None
-    if variant.family == "triton_chunked":
+    if not FAMILIES[variant.family].autograd:  # triton_chunked, triton_ws
         with torch.no_grad():
-            return {"out": triton_chunked_attention(our_call(case, q, k, v, m), variant)}
+            return {"out": triton_inference_attention(our_call(case, q, k, v, m), variant)}
     out = triton_attention(our_call(case, q, k, v, m), variant)
     if dout is None:
         return {"out": out}
@@ -246,10 +260,11 @@ def short_err(e: BaseException) -> str:
 def time_ours(case, variant, q, k, v, m, dout):
     """{fwd, bwd, fwdbwd} ms for one variant (bwd only for fwdbwd cases)."""
     from noflash_tune.codegen import Specialization, load
+    from noflash_tune.variants import FAMILIES
 
     call = our_call(case, q, k, v, m)
     spec = Specialization.of(call)
-    if variant.family == "triton_chunked":  # forward only: one module
+    if not FAMILIES[variant.family].autograd:  # forward only: one module
         mod = load(variant, spec, 0)
         return {"fwd": bench_ms(lambda: mod.forward(call.q, call.k, call.v, call.mask, call.scale, 0.0, None, False))}
     fwd_mod, bwd_mod = load(variant, spec, 0), load(variant, spec, 1)
@@ -311,8 +326,12 @@ def time_dispatched(case, q, k, v, m, dout):
     return bench_ms(fb, grad_to_none=[q, k, v]), served
 
 
-def run_dispatched(name, case, natives):
-    """One case: the dispatched SDPA against each native backend, in the same run."""
+def run_dispatched(name, case, natives, rounds=3):
+    """One case: the dispatched SDPA against each native backend, in the same run: ``rounds`` interleaved rounds
+    (the order reversed every other round), each contender's median over them. The lent GPU's clocks drift by 5-8%
+    between the first and later seconds of a run, which a single back-to-back pass books against whoever goes last."""
+    import statistics
+
     kind = case[0]
     grad = kind == "fwdbwd"
     torch.cuda.empty_cache()
@@ -320,19 +339,36 @@ def run_dispatched(name, case, natives):
     dout = torch.randn_like(q) if grad else None
     fl = flops(case)
     row = {"case": name, "target": case[-1], "native": {}, "configs": []}
-    try:
-        ms, served = time_dispatched(case, q, k, v, m, dout)
-        row["dispatched"] = {"ms": ms, "tflops": fl / ms / 1e9, "served": served}
-        print(f"== {name}: dispatched {ms:.3f} ms {fl / ms / 1e9:.1f} TFLOP/s by {served}", flush=True)
-    except Exception as e:
-        row["dispatched"] = {"error": short_err(e)}
-        print(f"== {name}: dispatched error: {short_err(e)}", flush=True)
-    for be in natives:
-        try:
-            ms = time_native(case, be, q, k, v, m, dout)
-            row["native"][be] = {"ms": ms, "tflops": fl / ms / 1e9}
-        except Exception as e:
-            row["native"][be] = {"error": short_err(e)}
+    times = {c: [] for c in ["dispatched", *natives]}
+    errors, served = {}, ""
+    for r in range(rounds):
+        order = list(times) if r % 2 == 0 else list(times)[::-1]
+        for c in order:
+            if c in errors:
+                continue
+            try:
+                if c == "dispatched":
+                    ms, served = time_dispatched(case, q, k, v, m, dout)
+                else:
+                    ms = time_native(case, c, q, k, v, m, dout)
+                times[c].append(ms)
+            except Exception as e:
+                errors[c] = short_err(e)
+    for c, ts in times.items():
+        if c in errors:
+            entry = {"error": errors[c]}
+        else:
+            ms = statistics.median(ts)
+            entry = {"ms": ms, "tflops": fl / ms / 1e9, "rounds_ms": ts}
+        if c == "dispatched":
+            row["dispatched"] = {**entry, "served": served} if "ms" in entry else entry
+        else:
+            row["native"][c] = entry
+    d = row["dispatched"]
+    if "ms" in d:
+        print(f"== {name}: dispatched {d['ms']:.3f} ms {d['tflops']:.1f} TFLOP/s by {served}", flush=True)
+    else:
+        print(f"== {name}: dispatched error: {d['error']}", flush=True)
     return row
 
 
@@ -508,8 +544,9 @@ def main(argv=None):
     ap.add_argument("--no-native", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     ap.add_argument("--tma", action="store_true", help="also each whole-head-dim tile with tma=1")
-    ap.add_argument("--family", default="triton", choices=("triton", "triton_chunked"),
+    ap.add_argument("--family", default="triton", choices=("triton", "triton_chunked", "triton_ws"),
                     help="the Triton family whose tiles the sweep measures")
+    ap.add_argument("--rounds", type=int, default=3, help="--dispatched: interleaved rounds, the median kept")
     ap.add_argument("--dispatched", action="store_true",
                     help="time noflash-tune's dispatched SDPA (the tuned configs found here) against native instead")
     args = ap.parse_args(argv)
@@ -521,6 +558,8 @@ def main(argv=None):
     names = [n for n in args.cases.split(",") if n] or list(CASES)
     if FAMILY == "triton_chunked":  # inference only, and pruned below head dim 256
         names = [n for n in names if CASES[n][0] == "fwd" and CASES[n][5] >= 256]
+    if FAMILY == "triton_ws":  # inference only, no mask, E == Ev in 64..256
+        names = [n for n in names if CASES[n][0] == "fwd" and CASES[n][7] is None and 64 <= CASES[n][5] <= 256]
     unknown = [n for n in names if n not in CASES]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
@@ -529,7 +568,7 @@ def main(argv=None):
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     natives = [] if args.no_native else ["cudnn", "flash", "efficient"]
     if args.dispatched:
-        rows = [run_dispatched(n, CASES[n], natives) for n in names]
+        rows = [run_dispatched(n, CASES[n], natives, args.rounds) for n in names]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                               "triton": triton.__version__, "rows": rows}, indent=1, default=str))

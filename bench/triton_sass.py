@@ -4,6 +4,7 @@
     python bench/triton_sass.py --arch 90 -D 128 --tile 128,128,8,3,0,1 --causal --sass out.sass
     python bench/triton_sass.py --arch 90 -D 512 --grad --tile 64,32,8,2,128,0     # the backward's kernels
     python bench/triton_sass.py --arch 90 -D 512 --family triton_chunked --tile 2048,64,64,512,8,3
+    python bench/triton_sass.py --arch 90 -D 128 --family triton_ws --tile 128,3,1        # BLOCK_N,stages,pingpong
 
 What bench/NOTES.md asks of a kernel that misses its target: does the disassembly show HGMMA (Hopper's warpgroup
 MMA), are the global loads 16 bytes wide (LDG.E.128) or bulk tensor copies (UTMALDG), how many registers and how
@@ -77,6 +78,8 @@ def compile_launch(kernel, args, kwargs, arch: int):
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    if getattr(kernel, "is_gluon", lambda: False)():  # a Gluon kernel (triton_ws) builds its IR its own way
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     src = ASTSource(kernel, signature, constexprs, attrs)
     return triton.compile(src, target=target, options=options.__dict__), options.__dict__
 
@@ -87,7 +90,11 @@ def compile_variant(variant: Variant, shape: Shape, arch: int, grad: bool = Fals
     q, k, v, mask = shape.make_inputs("cpu")
     call = contract.normalize(q, k, v, mask, 0.0, shape.causal, None, shape.gqa > 1)
     spec = codegen.Specialization.of(call)
-    if variant.family == "triton_chunked":  # the BLAS GEMM runs here on the CPU; its Triton kernel is captured
+    if variant.family == "triton_ws":
+        mod = codegen.load(variant, spec, 0)
+        launches = captured_launches(mod, ("_attn_fwd_ws",), lambda: mod.forward(
+            call.q, call.k, call.v, None, call.scale, 0.0, 0, True))
+    elif variant.family == "triton_chunked":  # the BLAS GEMM runs here on the CPU; its Triton kernel is captured
         mod = codegen.load(variant, spec, 0)
         launches = captured_launches(mod, ("_softmax_pv",), lambda: mod.forward(
             call.q, call.k, call.v, call.mask, call.scale, 0.0, 0, False))
@@ -171,8 +178,8 @@ def main() -> int:
     ap.add_argument("--mask", default="none", choices=("none", "bool", "float"))
     ap.add_argument("--tile", action="append", required=True,
                     help="BLOCK_M,BLOCK_N,num_warps,num_stages,BLOCK_D,tma (repeatable); with --family triton_chunked "
-                         "block_m,BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages")
-    ap.add_argument("--family", default="triton", choices=("triton", "triton_chunked"))
+                         "block_m,BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages; with triton_ws BLOCK_N,num_stages,pingpong")
+    ap.add_argument("--family", default="triton", choices=("triton", "triton_chunked", "triton_ws"))
     ap.add_argument("--grad", action="store_true", help="the backward's kernels (dK/dV, dQ) instead of the forward's")
     ap.add_argument("--sass", help="write the disassembly of the last tile here")
     ap.add_argument("--json", action="store_true", help="one JSON object per tile instead of a line of text")
@@ -180,7 +187,10 @@ def main() -> int:
     shape = Shape(B=args.B, H=args.H, Hkv=args.kv_heads, L=args.L, E=args.D, dtype=args.dtype, causal=args.causal,
                   mask=args.mask)
     for tile in args.tile:
-        if args.family == "triton_chunked":
+        if args.family == "triton_ws":
+            bn, ns, pp = (int(x) for x in tile.split(","))
+            var = Variant("triton_ws", BLOCK_N=bn, num_stages=ns, pingpong=pp)
+        elif args.family == "triton_chunked":
             rows, bm, bn, bd, nw, ns = (int(x) for x in tile.split(","))
             var = Variant("triton_chunked", block_m=rows, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw,
                           num_stages=ns)

@@ -295,3 +295,46 @@ def triton_prune_reason(v: "Variant", call: "Call") -> str:
     if p["num_warps"] * 32 > bm * 8:
         return f"{p['num_warps']} warps for {bm} rows leave warps idle"
     return ""
+
+
+# triton_ws (templates/triton/attention_fwd_ws.py.j2): its fixed shape of program and the budgets it must fit.
+WS_HALF_ROWS = 64  # query rows per consumer warpgroup; a program holds two
+WS_CONSUMER_REGS = 240  # registers a consumer thread gets (setmaxnreg)
+WS_HEAD_DIMS = (64, 128, 256)
+
+
+def triton_ws_reasons(call: "Call") -> list[str]:
+    """Why the warp-specialised Gluon forward cannot serve ``call`` (beyond the Triton family's reasons)."""
+    out = []
+    if call.q.device.type == "cuda" and (torch.version.hip is not None
+                                         or torch.cuda.get_device_capability(call.q.device)[0] != 9):
+        out.append("triton_ws issues wgmma, which only Hopper (sm_90) has")
+    if _triton_version() < (3, 6):
+        out.append("triton_ws is written in Gluon as Triton 3.6 has it")
+    if call.q.dtype not in (torch.float16, torch.bfloat16):
+        out.append(f"triton_ws takes fp16/bf16, not {call.q.dtype}")
+    if call.E != call.Ev or call.E not in WS_HEAD_DIMS:
+        out.append(f"triton_ws takes E == Ev in {WS_HEAD_DIMS}, not E={call.E}, Ev={call.Ev}")
+    if call.mask_kind != "none":
+        out.append("triton_ws takes no attention mask")
+    return out
+
+
+def triton_ws_prune_reason(v: "Variant", call: "Call") -> str:
+    """Analytic pruning of a ``triton_ws`` config before any launch ('' = keep)."""
+    from .variants import _next_pow2
+
+    p = v.params
+    bn, d = p["BLOCK_N"], call.E
+    if bn > max(_next_pow2(call.S), 64):
+        return f"BLOCK_N={bn} > the {call.S} keys"
+    # A consumer thread holds its share of the 64 x BLOCK_N fp32 scores, of P in 16 bits, and of the 64 x D fp32
+    # output, plus ~40 for addresses, statistics and the loop (the compiled kernel: bench/experiments/).
+    regs = WS_HALF_ROWS * bn // 128 + WS_HALF_ROWS * bn // 256 + WS_HALF_ROWS * d // 128 + 40
+    if regs > WS_CONSUMER_REGS:
+        return f"~{regs} registers a consumer thread > {WS_CONSUMER_REGS} (64x{bn} scores, 64x{d} output)"
+    smem = (2 * WS_HALF_ROWS * d + p["num_stages"] * 2 * bn * d) * 2 + 1024
+    limit = _shared_memory_bytes(call)
+    if smem > limit:
+        return f"shared memory ~{smem // 1024} KiB > the device's {limit // 1024} KiB"
+    return ""

@@ -91,6 +91,12 @@ def _triton_chunked_reasons(call: "Call") -> list[str]:
     return _triton_reasons(call) + _inference_only_reasons(call)
 
 
+def _triton_ws_reasons(call: "Call") -> list[str]:
+    from .device import triton_ws_reasons
+
+    return _triton_reasons(call) + _inference_only_reasons(call) + triton_ws_reasons(call)
+
+
 def _native_reasons(backend: str) -> Callable[["Call"], list[str]]:
     def reasons(call: "Call") -> list[str]:
         from . import device as _device
@@ -177,6 +183,12 @@ def _triton_chunked_prune_reason(v: "Variant", call: "Call") -> str:
     return triton_chunked_prune_reason(v, call)
 
 
+def _triton_ws_prune_reason(v: "Variant", call: "Call") -> str:
+    from .device import triton_ws_prune_reason
+
+    return triton_ws_prune_reason(v, call)
+
+
 FAMILIES: dict[str, Family] = {}
 
 
@@ -251,6 +263,19 @@ _register(Family(
     reasons_fn=_triton_chunked_reasons,
     prune_fn=_triton_chunked_prune_reason,
 ))
+_register(Family(
+    name="triton_ws",
+    kind="triton",
+    space={"BLOCK_N": (64, 128), "num_stages": (2, 3, 4), "pingpong": (1, 0), "accumulation": ("fp32",)},
+    # A warp-specialised forward for Hopper in Gluon (a producer warp, two consumer warpgroups of 64 query rows);
+    # pingpong=1 makes the consumers take turns at the tensor cores, one's softmax under the other's GEMMs.
+    # Inference only, no mask, no dropout, E == Ev a power of two from 64 to 256.
+    defaults={"BLOCK_N": 128, "num_stages": 2, "pingpong": 1, "accumulation": "fp32"},
+    templates=("triton/attention_fwd_ws.py.j2",),
+    autograd=False,
+    reasons_fn=_triton_ws_reasons,
+    prune_fn=_triton_ws_prune_reason,
+))
 for _b in NATIVE_BACKENDS:
     _register(Family(name=f"native:{_b}", kind="native", space={}, defaults={}, reasons_fn=_native_reasons(_b)))
 
@@ -282,6 +307,9 @@ TRITON_SEEDS_BWD = {
 # (block_m, BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
 TRITON_CHUNKED_SEEDS = ((2048, 64, 64, 512, 8, 3), (4096, 64, 64, 512, 8, 3), (2048, 64, 32, 256, 8, 3),
                         (1024, 64, 64, 512, 8, 3), (2048, 64, 32, 256, 4, 3), (2048, 128, 64, 256, 8, 3))
+# triton_ws tiles that measured best on an H200 (bench/NOTES.md, round 9), as (BLOCK_N, num_stages, pingpong):
+# 128-key tiles three deep at D <= 128 (ping-pong won with GQA, lost without), 64-key tiles two deep at D=256.
+TRITON_WS_SEEDS = ((128, 3, 1), (128, 3, 0), (64, 2, 1), (64, 2, 0), (64, 3, 1), (128, 4, 1))
 # The query-chunked tier on a GPU, as (block_m, streams): large blocks give its P @ V GEMM enough output tiles to
 # fill the chip, and a second stream overlaps one block's softmax with the next block's GEMMs (bench/NOTES.md).
 CHUNKED_SEEDS_GPU = ((1024, 2), (2048, 2), (512, 2), (1024, 1))
@@ -315,6 +343,8 @@ def seed_variants(family: str, call: "Call") -> list["Variant"]:
     elif family == "triton_chunked":
         out += [Variant(family, block_m=c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw, num_stages=ns)
                 for c, bm, bn, bd, nw, ns in TRITON_CHUNKED_SEEDS]
+    elif family == "triton_ws":
+        out += [Variant(family, BLOCK_N=bn, num_stages=ns, pingpong=pp) for bn, ns, pp in TRITON_WS_SEEDS]
     elif family == "torch_chunked" and call.q.device.type == "cuda":
         if call.needs_grad:  # the forward's P kept for the backward: one GEMM and two passes a block less
             out += [Variant(family, block_m=bm, streams=st, keep_p=1) for bm, st in CHUNKED_SEEDS_GPU[:2]]

@@ -726,7 +726,7 @@ def test_a_cpu_files_freshness_ignores_triton_templates_a_gpu_files_does_not(edi
     its studies), while a GPU's entries, which may hold Triton winners, follow every template."""
     assert [n for n, _ in C.family_templates_for("cpu-x86_64")] == ["torch_chunked", "torch_inplace", "torch_online"]
     assert [n for n, _ in C.family_templates_for("sm_90")] == ["torch_chunked", "torch_inplace", "torch_online",
-                                                                "triton", "triton_chunked"]
+                                                                "triton", "triton_chunked", "triton_ws"]
     cpu, gpu = C.templates_hash_for("cpu-x86_64"), C.templates_hash_for("sm_90")
     edit_template("triton/attention_fwd.py.j2")
     assert C.templates_hash_for("cpu-x86_64") == cpu and C.templates_hash_for("sm_90") != gpu

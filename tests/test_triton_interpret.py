@@ -27,8 +27,8 @@ triton = pytest.importorskip("triton")
 from noflash_tune.codegen import Specialization, load  # noqa: E402
 from noflash_tune.contract import normalize  # noqa: E402
 from noflash_tune.measure import math_attention  # noqa: E402
-from noflash_tune.runtime.triton_op import params_key, triton_attention, triton_chunked_attention  # noqa: E402
-from noflash_tune.variants import Variant  # noqa: E402
+from noflash_tune.runtime.triton_op import params_key, triton_attention, triton_inference_attention  # noqa: E402
+from noflash_tune.variants import FAMILIES, Variant  # noqa: E402
 
 DEV = "cpu" if INTERPRET else "cuda"
 
@@ -101,8 +101,8 @@ def _run_case(B, H, Hkv, L, S, E, Ev, dtype, causal=False, bottom_right=False, m
                      enable_gqa=groups > 1)
     if bottom_right:  # the contract has no bottom-right flag; the kernel's specialisation does
         call.causal = True
-    if variant.family == "triton_chunked":
-        out = triton_chunked_attention(call, variant)
+    if not FAMILIES[variant.family].autograd:  # triton_chunked, triton_ws
+        out = triton_inference_attention(call, variant, causal_bottom_right=bottom_right)
     else:
         out = triton_attention(call, variant, causal_bottom_right=bottom_right)
     assert out.shape == (B, H, L, Ev) and out.dtype == dtype
@@ -522,6 +522,26 @@ def test_opcheck():
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_triton_ws_says_why_it_cannot_serve_a_call():
+    """The Gluon forward (Hopper only; its kernel cannot run in Triton's interpreter, tests/test_triton_sass.py
+    compiles it) refuses, each with its reason, every call it has no kernel for; the dispatcher then picks another
+    family."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 64, 128, generator=g, dtype=torch.bfloat16) for _ in range(3))
+
+    def why(q, k, v, **kw):
+        return " | ".join(FAMILIES["triton_ws"].reasons(normalize(q, k, v, **kw)))
+
+    assert "CUDA" in why(q, k, v)
+    assert "mask" in why(q, k, v, attn_mask=torch.ones(64, 64, dtype=torch.bool))
+    assert "E == Ev" in why(q, k, v[..., :64])
+    assert "E == Ev" in why(q[..., :96], k[..., :96], v[..., :96])
+    assert "fp16/bf16" in why(q.float(), k.float(), v.float())
+    assert "dropout" in why(q, k, v, dropout_p=0.1)
+    with torch.enable_grad():
+        assert "grad" in why(q.requires_grad_(), k, v)
+
+
 def test_triton_chunked_op_compiles_without_graph_break_and_passes_opcheck():
     """The inference family's custom op: torch.compile(fullgraph=True) keeps it one node (its fake kernel gives
     the shapes) with eager's answer; opcheck validates its schema and fake implementation, masked and causal."""
@@ -531,13 +551,14 @@ def test_triton_chunked_op_compiles_without_graph_break_and_passes_opcheck():
     m = (torch.rand(1, 1, 1, 19, generator=g) > 0.2).to(DEV).expand(1, 2, 19, 19)
 
     def f(q, k, v_):
-        return torch.ops.noflash_tune.triton_chunked_fwd(q, k, v_, None, 0.25, True, key).float().sum()
+        return torch.ops.noflash_tune.triton_infer_fwd(q, k, v_, None, 0.25, True, False, "triton_chunked", key).float().sum()
 
     torch._dynamo.reset()
     assert torch.equal(torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v), f(q, k, v))
     if hasattr(torch.library, "opcheck"):
         for mask, causal in ((None, True), (m, False)):
-            torch.library.opcheck(torch.ops.noflash_tune.triton_chunked_fwd.default, (q, k, v, mask, 0.25, causal, key),
+            torch.library.opcheck(torch.ops.noflash_tune.triton_infer_fwd.default,
+                                  (q, k, v, mask, 0.25, causal, False, "triton_chunked", key),
                                   test_utils=("test_schema", "test_faketensor"))
 
 
@@ -576,6 +597,12 @@ _GPU_CASES = [
                                                                            num_stages=3)),
     ("triton_chunked", 1, 4, 4, 2048, 2048, 768, False, "float", False, dict(BLOCK_M=128, BLOCK_D=256, num_warps=8,
                                                                              num_stages=3)),
+    # triton_ws (inference, Hopper): its seeds, GQA, ragged and Nq != Nk tails, every head dim, both schedules
+    ("triton_ws", 2, 4, 4, 4096, 4096, 128, False, None, False, dict(BLOCK_N=128, num_stages=3)),
+    ("triton_ws", 1, 8, 2, 3001, 3001, 128, True, None, False, dict(BLOCK_N=64, num_stages=3)),
+    ("triton_ws", 1, 4, 4, 16384, 16384, 64, True, None, False, dict(BLOCK_N=128, num_stages=4)),
+    ("triton_ws", 2, 4, 4, 1000, 2500, 256, False, None, False, dict(BLOCK_N=64, num_stages=2)),
+    ("triton_ws", 1, 4, 4, 77, 77, 128, True, None, False, dict(BLOCK_N=128, num_stages=2, pingpong=0)),
 ]
 
 
@@ -597,6 +624,19 @@ def test_gpu_bf16_as_fp16_and_bottom_right():
     v = Variant("triton", BLOCK_M=128, BLOCK_N=64, compute="fp16")
     _run_case(1, 4, 4, 1000, 3000, 128, 128, torch.bfloat16, causal=True, bottom_right=True, variant=v)
     _run_case(1, 4, 4, 3000, 1000, 64, 96, torch.bfloat16, causal=True, bottom_right=True)
+
+    ws = Variant("triton_ws", BLOCK_N=64, num_stages=3)  # bottom-right, and rows that see no key (L > S)
+    _run_case(1, 4, 4, 1000, 3000, 128, 128, torch.bfloat16, causal=True, bottom_right=True, grad=False, variant=ws)
+    _run_case(1, 4, 2, 3000, 1000, 64, 64, torch.float16, causal=True, bottom_right=True, grad=False, variant=ws)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("layout", ["blhe", "lastdim"])
+def test_gpu_triton_ws_reads_any_layout(layout):
+    """(B, L, H, E) buffers read in place through their strides; a last dim that is not contiguous copied first."""
+    _run_case(2, 4, 2, 1000, 1500, 128, 128, torch.bfloat16, causal=True, grad=False, layout=layout,
+              variant=Variant("triton_ws", BLOCK_N=128, num_stages=3))
 
 
 @pytest.mark.gpu

@@ -102,3 +102,33 @@ def test_triton_chunked_tiles_are_pruned_exactly_when_they_cannot_run(tile):
     reason = prune_reason(Variant("triton_chunked", block_m=rows, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw,
                                   num_stages=ns), call)
     assert (reason == "") == runs, (rep, reason)
+
+
+@pytest.mark.parametrize("E,tile,causal", [(128, (128, 3, 1), False), (64, (128, 4, 1), True), (256, (64, 2, 1), True),
+                                           (128, (64, 3, 0), True)])
+def test_triton_ws_compiles_to_a_copy_warp_feeding_two_wgmma_warpgroups(E, tile, causal):
+    """The Gluon forward as Hopper runs it: warp-specialised (two consumer warpgroups and a producer warp: 12
+    warps, registers redistributed so that none spill), its Q/K/V tiles by bulk tensor copies, its dots on
+    warpgroup MMAs, within one SM's shared memory."""
+    (rep,) = _report_lines(tile, E, causal, family="triton_ws")
+    assert "error" not in rep, rep
+    assert rep["warp-specialised"] and rep["warps"] == 12, rep
+    assert rep["UTMALDG"] > 0 and rep["HGMMA"] > 0 and rep["HMMA"] == 0 and rep["LDGSTS.128"] == 0, rep
+    assert rep["local ld/st (spills)"] == 0 and rep["shared KiB"] <= 227, rep
+
+
+@pytest.mark.parametrize("E,tile", [(256, (128, 2, 1)), (256, (64, 3, 1)), (128, (128, 4, 1)), (256, (64, 2, 1)),
+                                    (128, (128, 3, 1))])
+def test_triton_ws_tiles_are_pruned_exactly_when_they_would_spill_or_pass_shared_memory(E, tile):
+    """The register and shared-memory estimates of triton_ws's pruning against the compiled kernel: a 64x128 score
+    tile beside a 64x256 output spills a consumer's 240 registers, three stages of 64-key D=256 tiles or four of
+    128-key D=128 tiles pass 227 KiB; the tiles next to them compile clean and are kept."""
+    from noflash_tune.shapes import Shape
+    from noflash_tune.variants import Variant, prune_reason
+
+    (rep,) = _report_lines(tile, E, family="triton_ws")
+    runs = "error" not in rep and rep["shared KiB"] <= 227 and rep["local ld/st (spills)"] == 0
+    bn, ns, pp = tile
+    call = Shape(B=1, H=2, L=1024, E=E).planning_call("cpu")
+    reason = prune_reason(Variant("triton_ws", BLOCK_N=bn, num_stages=ns, pingpong=pp), call)
+    assert (reason == "") == runs, (rep, reason)

@@ -80,10 +80,10 @@ def run_variant(variant: Variant, call) -> torch.Tensor:
     """Run exactly ``variant`` (no fallback); returns (B, H, L, Ev)."""
     if variant.kind == "native":
         return run_native(call, variant.family.split(":", 1)[1])
-    if variant.family == "triton_chunked":
-        from .triton_op import triton_chunked_attention
+    if variant.kind == "triton" and not FAMILIES[variant.family].autograd:  # triton_chunked, triton_ws
+        from .triton_op import triton_inference_attention
 
-        return triton_chunked_attention(call, variant)
+        return triton_inference_attention(call, variant)
     if variant.kind == "triton":
         from .triton_op import triton_attention
 

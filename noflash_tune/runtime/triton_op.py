@@ -21,7 +21,7 @@ from torch import Tensor
 from ..codegen import Specialization, load
 from ..variants import Variant
 
-__all__ = ["triton_attention", "triton_chunked_attention", "params_key", "modules"]
+__all__ = ["triton_attention", "triton_inference_attention", "params_key", "modules"]
 
 
 def params_key(variant: Variant, family: str = "triton") -> str:
@@ -136,25 +136,35 @@ def triton_attention(call, variant: Variant, causal_bottom_right: bool = False) 
     return out
 
 
-@torch.library.custom_op("noflash_tune::triton_chunked_fwd", mutates_args=())
-def triton_chunked_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
-                       params: str) -> Tensor:
-    """The ``triton_chunked`` family's output (B,H,L,Ev) in q.dtype (inference only: no autograd formula)."""
-    spec = Specialization(causal=bool(causal), mask=_mask_kind(mask), gqa=q.shape[1] != k.shape[1])
-    out, _ = load(_variant(params, "triton_chunked"), spec, 0).forward(q, k, v, mask, scale, 0.0, None, False)
+# The inference-only Triton families (no autograd formula): their modules' forward, one op for all of them.
+INFERENCE_FAMILIES = ("triton_chunked", "triton_ws")
+
+
+@torch.library.custom_op("noflash_tune::triton_infer_fwd", mutates_args=())
+def triton_infer_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+                     bottom_right: bool, family: str, params: str) -> Tensor:
+    """An inference-only Triton family's output (B,H,L,Ev) in q.dtype."""
+    if family not in INFERENCE_FAMILIES:
+        raise ValueError(f"{family} is not an inference-only Triton family ({', '.join(INFERENCE_FAMILIES)})")
+    spec = Specialization(causal=bool(causal), mask=_mask_kind(mask), gqa=q.shape[1] != k.shape[1],
+                          causal_bottom_right=bool(causal and bottom_right))
+    out, _ = load(_variant(params, family), spec, 0).forward(q, k, v, mask, scale, 0.0, None, False)
     return out
 
 
-@triton_chunked_fwd.register_fake
-def _triton_chunked_fwd_fake(q, k, v, mask, scale, causal, params):
+@triton_infer_fwd.register_fake
+def _triton_infer_fwd_fake(q, k, v, mask, scale, causal, bottom_right, family, params):
     B, H, L, _ = q.shape
     return q.new_empty((B, H, L, v.shape[-1]))
 
 
-def triton_chunked_attention(call, variant: Variant) -> Tensor:
-    """Run ``variant`` (family ``triton_chunked``) on a normalised Call: inference only (``variants`` rejects a
-    call that needs grad or dropout)."""
+def triton_inference_attention(call, variant: Variant, causal_bottom_right: bool = False) -> Tensor:
+    """Run ``variant`` (an inference-only Triton family: triton_chunked, triton_ws) on a normalised Call
+    (``variants`` rejects a call that needs grad or dropout)."""
     if call.needs_grad or call.dropout_p > 0:
-        raise NotImplementedError("triton_chunked is inference only (no grad, no dropout)")
-    return torch.ops.noflash_tune.triton_chunked_fwd(call.q, call.k, call.v, call.mask, float(call.scale),
-                                                     bool(call.causal), params_key(variant, "triton_chunked"))
+        raise NotImplementedError(f"{variant.family} is inference only (no grad, no dropout)")
+    if causal_bottom_right and variant.family == "triton_chunked":
+        raise NotImplementedError("triton_chunked renders top-left causal masking only")
+    return torch.ops.noflash_tune.triton_infer_fwd(call.q, call.k, call.v, call.mask, float(call.scale),
+                                                   bool(call.causal), bool(causal_bottom_right), variant.family,
+                                                   params_key(variant, variant.family))
