@@ -84,16 +84,19 @@ def compile_launch(kernel, args, kwargs, arch: int):
     return triton.compile(src, target=target, options=options.__dict__), options.__dict__
 
 
-def compile_variant(variant: Variant, shape: Shape, arch: int, grad: bool = False):
+def compile_variant(variant: Variant, shape: Shape, arch: int, grad: bool = False, mask_rows: bool = False):
     """The variant's kernels for this shape on ``arch``, as [(name, compiled, grid, options)]: the forward's, or
-    with ``grad`` the backward's (delta, dK/dV once per kind under split-D, dQ)."""
+    with ``grad`` the backward's (delta, dK/dV once per kind under split-D, dQ). The shape's mask is a key-padding
+    row; ``mask_rows`` makes it an (L, S) mask, a row per query row."""
     q, k, v, mask = shape.make_inputs("cpu")
+    if mask is not None and mask_rows:
+        mask = mask.expand(shape.B, 1, shape.L, shape.S).contiguous()
     call = contract.normalize(q, k, v, mask, 0.0, shape.causal, None, shape.gqa > 1)
     spec = codegen.Specialization.of(call)
     if variant.family == "triton_ws":
         mod = codegen.load(variant, spec, 0)
         launches = captured_launches(mod, ("_attn_fwd_ws",), lambda: mod.forward(
-            call.q, call.k, call.v, None, call.scale, 0.0, 0, True))
+            call.q, call.k, call.v, call.mask, call.scale, 0.0, 0, True))
     elif variant.family == "triton_chunked":  # the BLAS GEMM runs here on the CPU; its Triton kernel is captured
         mod = codegen.load(variant, spec, 0)
         launches = captured_launches(mod, ("_softmax_pv",), lambda: mod.forward(
@@ -176,6 +179,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--mask", default="none", choices=("none", "bool", "float"))
+    ap.add_argument("--mask-rows", action="store_true", help="the mask as (L, S), one row per query row, not a padding row")
     ap.add_argument("--tile", action="append", required=True,
                     help="BLOCK_M,BLOCK_N,num_warps,num_stages,BLOCK_D,tma (repeatable); with --family triton_chunked "
                          "block_m,BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages; with triton_ws BLOCK_N,num_stages,pingpong")
@@ -198,7 +202,7 @@ def main() -> int:
             bm, bn, nw, ns, bd, tma = (int(x) for x in tile.split(","))
             var = Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
         try:
-            kernels = compile_variant(var, shape, args.arch, grad=args.grad)
+            kernels = compile_variant(var, shape, args.arch, grad=args.grad, mask_rows=args.mask_rows)
         except Exception as exc:  # noqa: BLE001 - a tile that does not compile is a result
             why = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(json.dumps({"tile": tile, "error": why}) if args.json else f"{tile}: does not compile: {why}")

@@ -269,7 +269,7 @@ _register(Family(
     space={"BLOCK_N": (64, 128), "num_stages": (2, 3, 4), "pingpong": (1, 0), "accumulation": ("fp32",)},
     # A warp-specialised forward for Hopper in Gluon (a producer warp, two consumer warpgroups of 64 query rows);
     # pingpong=1 makes the consumers take turns at the tensor cores, one's softmax under the other's GEMMs.
-    # Inference only, no mask, no dropout, E == Ev a power of two from 64 to 256.
+    # Inference only, no dropout, E == Ev a power of two from 64 to 256; bool/float masks through their strides.
     defaults={"BLOCK_N": 128, "num_stages": 2, "pingpong": 1, "accumulation": "fp32"},
     templates=("triton/attention_fwd_ws.py.j2",),
     autograd=False,

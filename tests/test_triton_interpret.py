@@ -533,7 +533,8 @@ def test_triton_ws_says_why_it_cannot_serve_a_call():
         return " | ".join(FAMILIES["triton_ws"].reasons(normalize(q, k, v, **kw)))
 
     assert "CUDA" in why(q, k, v)
-    assert "mask" in why(q, k, v, attn_mask=torch.ones(64, 64, dtype=torch.bool))
+    for mask in (torch.ones(64, 64, dtype=torch.bool), torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16)):
+        assert why(q, k, v, attn_mask=mask) == why(q, k, v)  # masks it takes: nothing but the device refused
     assert "E == Ev" in why(q, k, v[..., :64])
     assert "E == Ev" in why(q[..., :96], k[..., :96], v[..., :96])
     assert "fp16/bf16" in why(q.float(), k.float(), v.float())
@@ -603,6 +604,8 @@ _GPU_CASES = [
     ("triton_ws", 1, 4, 4, 16384, 16384, 64, True, None, False, dict(BLOCK_N=128, num_stages=4)),
     ("triton_ws", 2, 4, 4, 1000, 2500, 256, False, None, False, dict(BLOCK_N=64, num_stages=2)),
     ("triton_ws", 1, 4, 4, 77, 77, 128, True, None, False, dict(BLOCK_N=128, num_stages=2, pingpong=0)),
+    ("triton_ws", 2, 4, 4, 3000, 3000, 128, False, "pad", False, dict(BLOCK_N=128, num_stages=3)),
+    ("triton_ws", 1, 4, 2, 2048, 1999, 64, False, "float", False, dict(BLOCK_N=128, num_stages=3, pingpong=0)),
 ]
 
 
@@ -628,6 +631,7 @@ def test_gpu_bf16_as_fp16_and_bottom_right():
     ws = Variant("triton_ws", BLOCK_N=64, num_stages=3)  # bottom-right, and rows that see no key (L > S)
     _run_case(1, 4, 4, 1000, 3000, 128, 128, torch.bfloat16, causal=True, bottom_right=True, grad=False, variant=ws)
     _run_case(1, 4, 2, 3000, 1000, 64, 64, torch.float16, causal=True, bottom_right=True, grad=False, variant=ws)
+    _run_case(1, 4, 4, 1000, 1000, 128, 128, torch.bfloat16, causal=True, scale=-0.2, grad=False, variant=ws)
 
 
 @pytest.mark.gpu

@@ -19,12 +19,12 @@ pytestmark = pytest.mark.skipif(not (TOOLS / "nvdisasm").exists() or not (TOOLS 
                                 reason="this triton build bundles no NVIDIA toolchain")
 
 
-def _report_lines(tile, E, causal=False, grad=False, family="triton"):
+def _report_lines(tile, E, causal=False, grad=False, family="triton", extra=()):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, str(REPO / "bench" / "triton_sass.py"), "--json", "-L", "1024", "-D", str(E),
            "--family", family, "--tile", ",".join(map(str, tile))] + (["--causal"] if causal else []) + \
-        (["--grad"] if grad else [])
+        (["--grad"] if grad else []) + list(extra)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     # ptxas may print the PTX it refused (with braces of its own) to stdout: take the report lines only.
@@ -104,13 +104,15 @@ def test_triton_chunked_tiles_are_pruned_exactly_when_they_cannot_run(tile):
     assert (reason == "") == runs, (rep, reason)
 
 
-@pytest.mark.parametrize("E,tile,causal", [(128, (128, 3, 1), False), (64, (128, 4, 1), True), (256, (64, 2, 1), True),
-                                           (128, (64, 3, 0), True)])
-def test_triton_ws_compiles_to_a_copy_warp_feeding_two_wgmma_warpgroups(E, tile, causal):
+@pytest.mark.parametrize("E,tile,causal,mask", [
+    (128, (128, 3, 1), False, ()), (64, (128, 4, 1), True, ()), (256, (64, 2, 1), True, ()), (128, (64, 3, 0), True, ()),
+    (128, (128, 3, 1), False, ("--mask", "bool")), (128, (128, 3, 0), False, ("--mask", "float", "--mask-rows")),
+    (256, (64, 2, 1), False, ("--mask", "float", "--mask-rows"))], ids=str)
+def test_triton_ws_compiles_to_a_copy_warp_feeding_two_wgmma_warpgroups(E, tile, causal, mask):
     """The Gluon forward as Hopper runs it: warp-specialised (two consumer warpgroups and a producer warp: 12
-    warps, registers redistributed so that none spill), its Q/K/V tiles by bulk tensor copies, its dots on
-    warpgroup MMAs, within one SM's shared memory."""
-    (rep,) = _report_lines(tile, E, causal, family="triton_ws")
+    warps, registers redistributed so that none spill, with a mask too: a padding row or an (L, S) mask), its
+    Q/K/V tiles by bulk tensor copies, its dots on warpgroup MMAs, within one SM's shared memory."""
+    (rep,) = _report_lines(tile, E, causal, family="triton_ws", extra=mask)
     assert "error" not in rep, rep
     assert rep["warp-specialised"] and rep["warps"] == 12, rep
     assert rep["UTMALDG"] > 0 and rep["HGMMA"] > 0 and rep["HMMA"] == 0 and rep["LDGSTS.128"] == 0, rep
