@@ -270,7 +270,9 @@ _register(Family(
     # A warp-specialised forward for Hopper in Gluon (a producer warp, two consumer warpgroups of 64 query rows);
     # pingpong=1 makes the consumers take turns at the tensor cores, one's softmax under the other's GEMMs.
     # Inference only, no dropout, E == Ev a power of two from 64 to 256; bool/float masks through their strides.
-    defaults={"BLOCK_N": 128, "num_stages": 2, "pingpong": 1, "accumulation": "fp32"},
+    # The defaults are the tile that measured best at D <= 128 on an H200 (bench/NOTES.md, round 9): a search cut by
+    # its deadline times them first. At D=256 they do not fit a consumer's registers; the seeds' 64-key tiles do.
+    defaults={"BLOCK_N": 128, "num_stages": 3, "pingpong": 0, "accumulation": "fp32"},
     templates=("triton/attention_fwd_ws.py.j2",),
     autograd=False,
     reasons_fn=_triton_ws_reasons,
@@ -308,8 +310,9 @@ TRITON_SEEDS_BWD = {
 TRITON_CHUNKED_SEEDS = ((2048, 64, 64, 512, 8, 3), (4096, 64, 64, 512, 8, 3), (2048, 64, 32, 256, 8, 3),
                         (1024, 64, 64, 512, 8, 3), (2048, 64, 32, 256, 4, 3), (2048, 128, 64, 256, 8, 3))
 # triton_ws tiles that measured best on an H200 (bench/NOTES.md, round 9), as (BLOCK_N, num_stages, pingpong):
-# 128-key tiles three deep at D <= 128 (ping-pong won with GQA, lost without), 64-key tiles two deep at D=256.
-TRITON_WS_SEEDS = ((128, 3, 1), (128, 3, 0), (64, 2, 1), (64, 2, 0), (64, 3, 1), (128, 4, 1))
+# 128-key tiles three deep at D <= 128 (ping-pong 1-5% behind at steady clocks, ahead in a run's first seconds),
+# 64-key tiles two deep at D=256.
+TRITON_WS_SEEDS = ((128, 3, 0), (64, 2, 0), (128, 3, 1), (64, 2, 1), (64, 3, 1), (128, 4, 1))
 # The query-chunked tier on a GPU, as (block_m, streams): large blocks give its P @ V GEMM enough output tiles to
 # fill the chip, and a second stream overlaps one block's softmax with the next block's GEMMs (bench/NOTES.md).
 CHUNKED_SEEDS_GPU = ((1024, 2), (2048, 2), (512, 2), (1024, 1))
