@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..codegen import Specialization, load
-from ..variants import Variant
+from ..variants import FAMILIES, Variant
 
 __all__ = ["triton_attention", "triton_inference_attention", "params_key", "modules"]
 
@@ -137,7 +137,7 @@ def triton_attention(call, variant: Variant, causal_bottom_right: bool = False) 
 
 
 # The inference-only Triton families (no autograd formula): their modules' forward, one op for all of them.
-INFERENCE_FAMILIES = ("triton_chunked", "triton_ws")
+INFERENCE_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.kind == "triton" and not f.autograd)
 
 
 @torch.library.custom_op("noflash_tune::triton_infer_fwd", mutates_args=())
