@@ -15,11 +15,13 @@ line. The table comes last; --out writes every measurement as JSON.
 --family triton_chunked sweeps that family's tiles instead (block_m, BLOCK_M x BLOCK_N, BLOCK_D, warps, stages: its
 seeds, then a grid), on the forward cases only (the family is inference only); the D=512 cases are where it serves.
 --family triton_ws sweeps the warp-specialised Gluon forward (BLOCK_N, stages, ping-pong) on the forward cases with a
-head dim of 64 to 256 (Hopper only).
+head dim of 64 to 256 (Hopper only); --family triton_chunked_ws the stored-score family's Gluon kernel (block_m,
+BLOCK_N, BLOCK_D, stages) on the forward cases from head dim 256 (Hopper only).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -82,16 +84,16 @@ def config_list(kind: str, D: int, quick: bool):
     """The tuner's seed tiles for this head dim (noflash_tune.variants.TRITON_SEEDS_*), as
     (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D, tma); for triton_chunked its seeds then its grid, as
     (block_m, BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)."""
-    from noflash_tune.variants import (FAMILIES, TRITON_CHUNKED_SEEDS, TRITON_SEEDS_FWD, TRITON_WS_SEEDS,
-                                       triton_seed_class, triton_seed_tiles)
+    from noflash_tune.variants import (FAMILIES, TILE_FIELDS, TRITON_CHUNKED_SEEDS, TRITON_FAMILY_SEEDS,
+                                       TRITON_SEEDS_FWD, triton_seed_class, triton_seed_tiles)
 
-    if FAMILY == "triton_ws":
-        sp = FAMILIES["triton_ws"].space
-        grid = [(bn, ns, pp) for bn in sp["BLOCK_N"] for ns in sp["num_stages"] for pp in sp["pingpong"]]
-        return list(dict.fromkeys(list(TRITON_WS_SEEDS) + ([] if quick else grid)))
     if FAMILY == "triton_chunked":
         grid = [(c, *tile) for tile in CHUNKED_TILES for c in CHUNKED_BLOCKS]
         return list(dict.fromkeys(list(TRITON_CHUNKED_SEEDS) + ([] if quick else grid)))
+    if FAMILY != "triton":  # the seeds, then the whole (small) space of the family
+        sp = FAMILIES[FAMILY].space
+        grid = list(itertools.product(*(sp[f] for f in TILE_FIELDS[FAMILY])))
+        return list(dict.fromkeys(list(TRITON_FAMILY_SEEDS[FAMILY]) + ([] if quick else grid)))
 
     out = triton_seed_tiles(D, kind != "fwd")
     n_fwd = len(TRITON_SEEDS_FWD[triton_seed_class(D)])
@@ -103,18 +105,9 @@ def config_list(kind: str, D: int, quick: bool):
 
 
 def variant_of(cfg, compute="input"):
-    from noflash_tune.variants import Variant
+    from noflash_tune.variants import tile_variant
 
-    if FAMILY == "triton_ws":
-        bn, ns, pp = cfg
-        return Variant("triton_ws", BLOCK_N=bn, num_stages=ns, pingpong=pp)
-    if FAMILY == "triton_chunked":
-        rows, bm, bn, bd, nw, ns = cfg
-        return Variant("triton_chunked", block_m=rows, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw,
-                       num_stages=ns)
-    bm, bn, nw, ns, bd, tma = cfg
-    return Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, compute=compute,
-                   tma=tma)
+    return tile_variant(FAMILY, cfg, **({"compute": compute} if FAMILY == "triton" else {}))
 
 
 def cfg_str(cfg):
@@ -124,6 +117,9 @@ def cfg_str(cfg):
     if FAMILY == "triton_chunked":
         rows, bm, bn, bd, nw, ns = cfg
         return f"bm{rows}/{bm}x{bn}/d{bd}/w{nw}/s{ns}"
+    if FAMILY == "triton_chunked_ws":
+        rows, bn, bd, ns = cfg
+        return f"ws/bm{rows}/128x{bn}/d{bd}/s{ns}"
     bm, bn, nw, ns, bd, tma = cfg
     return f"{bm}x{bn}/w{nw}/s{ns}" + (f"/d{bd}" if bd else "") + {0: "", 1: "/tma", 2: "/tma-ws"}[tma]
 
@@ -411,7 +407,8 @@ class _FakeCall:
 # --- precompile in worker processes ----------------------------------------------------------------------------
 
 def _warm_one(args):
-    name, cfg = args
+    global FAMILY
+    name, cfg, FAMILY = args  # a spawned worker starts from the module's defaults
     case = CASES[name]
     try:
         grad = case[0] == "fwdbwd"
@@ -432,7 +429,7 @@ def precompile(names, jobs, quick):
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    work = [(n, cfg) for n in names for cfg in config_list(CASES[n][0], CASES[n][5], quick)
+    work = [(n, cfg, FAMILY) for n in names for cfg in config_list(CASES[n][0], CASES[n][5], quick)
             if not prune(CASES[n], cfg)]
     t0 = time.time()
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
@@ -544,7 +541,7 @@ def main(argv=None):
     ap.add_argument("--no-native", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     ap.add_argument("--tma", action="store_true", help="also each whole-head-dim tile with tma=1")
-    ap.add_argument("--family", default="triton", choices=("triton", "triton_chunked", "triton_ws"),
+    ap.add_argument("--family", default="triton", choices=("triton", "triton_chunked", "triton_chunked_ws", "triton_ws"),
                     help="the Triton family whose tiles the sweep measures")
     ap.add_argument("--rounds", type=int, default=3, help="--dispatched: interleaved rounds, the median kept")
     ap.add_argument("--dispatched", action="store_true",
@@ -556,7 +553,7 @@ def main(argv=None):
         print("no CUDA device: nothing to benchmark")
         return 0
     names = [n for n in args.cases.split(",") if n] or list(CASES)
-    if FAMILY == "triton_chunked":  # inference only, and pruned below head dim 256
+    if FAMILY in ("triton_chunked", "triton_chunked_ws"):  # inference only, and pruned below head dim 256
         names = [n for n in names if CASES[n][0] == "fwd" and CASES[n][5] >= 256]
     if FAMILY == "triton_ws":  # inference only, E == Ev in 64..256
         names = [n for n in names if CASES[n][0] == "fwd" and 64 <= CASES[n][5] <= 256]

@@ -5,6 +5,7 @@
     python bench/triton_sass.py --arch 90 -D 512 --grad --tile 64,32,8,2,128,0     # the backward's kernels
     python bench/triton_sass.py --arch 90 -D 512 --family triton_chunked --tile 2048,64,64,512,8,3
     python bench/triton_sass.py --arch 90 -D 128 --family triton_ws --tile 128,3,1        # BLOCK_N,stages,pingpong
+    python bench/triton_sass.py --arch 90 -D 512 --family triton_chunked_ws --tile 2048,64,256,4
 
 What bench/NOTES.md asks of a kernel that misses its target: does the disassembly show HGMMA (Hopper's warpgroup
 MMA), are the global loads 16 bytes wide (LDG.E.128) or bulk tensor copies (UTMALDG), how many registers and how
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from noflash_tune import codegen, contract  # noqa: E402
 from noflash_tune.shapes import Shape  # noqa: E402
-from noflash_tune.variants import Variant  # noqa: E402
+from noflash_tune.variants import TILE_FIELDS, Variant, tile_variant  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("bench/triton_sass.py compiles real kernels: run it without TRITON_INTERPRET=1")
@@ -84,6 +85,10 @@ def compile_launch(kernel, args, kwargs, arch: int):
     return triton.compile(src, target=target, options=options.__dict__), options.__dict__
 
 
+# The Triton kernel of each inference-only family's forward (the `triton` family's: _attn_fwd, or its backward's).
+FORWARD_KERNELS = {"triton_ws": "_attn_fwd_ws", "triton_chunked": "_softmax_pv", "triton_chunked_ws": "_softmax_pv_ws"}
+
+
 def compile_variant(variant: Variant, shape: Shape, arch: int, grad: bool = False, mask_rows: bool = False):
     """The variant's kernels for this shape on ``arch``, as [(name, compiled, grid, options)]: the forward's, or
     with ``grad`` the backward's (delta, dK/dV once per kind under split-D, dQ). The shape's mask is a key-padding
@@ -93,14 +98,10 @@ def compile_variant(variant: Variant, shape: Shape, arch: int, grad: bool = Fals
         mask = mask.expand(shape.B, 1, shape.L, shape.S).contiguous()
     call = contract.normalize(q, k, v, mask, 0.0, shape.causal, None, shape.gqa > 1)
     spec = codegen.Specialization.of(call)
-    if variant.family == "triton_ws":
+    if variant.family in FORWARD_KERNELS:  # the stored-score families run their BLAS GEMM here on the CPU
         mod = codegen.load(variant, spec, 0)
-        launches = captured_launches(mod, ("_attn_fwd_ws",), lambda: mod.forward(
-            call.q, call.k, call.v, call.mask, call.scale, 0.0, 0, True))
-    elif variant.family == "triton_chunked":  # the BLAS GEMM runs here on the CPU; its Triton kernel is captured
-        mod = codegen.load(variant, spec, 0)
-        launches = captured_launches(mod, ("_softmax_pv",), lambda: mod.forward(
-            call.q, call.k, call.v, call.mask, call.scale, 0.0, 0, False))
+        launches = captured_launches(mod, (FORWARD_KERNELS[variant.family],), lambda: mod.forward(
+            call.q, call.k, call.v, call.mask, call.scale, 0.0, 0, not variant.spec.stores_scores))
     elif grad:
         mod = codegen.load(variant, spec, 1)
         B, H, L, _ = call.q.shape
@@ -181,9 +182,9 @@ def main() -> int:
     ap.add_argument("--mask", default="none", choices=("none", "bool", "float"))
     ap.add_argument("--mask-rows", action="store_true", help="the mask as (L, S), one row per query row, not a padding row")
     ap.add_argument("--tile", action="append", required=True,
-                    help="BLOCK_M,BLOCK_N,num_warps,num_stages,BLOCK_D,tma (repeatable); with --family triton_chunked "
-                         "block_m,BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages; with triton_ws BLOCK_N,num_stages,pingpong")
-    ap.add_argument("--family", default="triton", choices=("triton", "triton_chunked", "triton_ws"))
+                    help="the tile's fields, comma-separated (repeatable): " + "; ".join(
+                        f"{f}: {','.join(fields)}" for f, fields in TILE_FIELDS.items()))
+    ap.add_argument("--family", default="triton", choices=tuple(TILE_FIELDS))
     ap.add_argument("--grad", action="store_true", help="the backward's kernels (dK/dV, dQ) instead of the forward's")
     ap.add_argument("--sass", help="write the disassembly of the last tile here")
     ap.add_argument("--json", action="store_true", help="one JSON object per tile instead of a line of text")
@@ -191,16 +192,7 @@ def main() -> int:
     shape = Shape(B=args.B, H=args.H, Hkv=args.kv_heads, L=args.L, E=args.D, dtype=args.dtype, causal=args.causal,
                   mask=args.mask)
     for tile in args.tile:
-        if args.family == "triton_ws":
-            bn, ns, pp = (int(x) for x in tile.split(","))
-            var = Variant("triton_ws", BLOCK_N=bn, num_stages=ns, pingpong=pp)
-        elif args.family == "triton_chunked":
-            rows, bm, bn, bd, nw, ns = (int(x) for x in tile.split(","))
-            var = Variant("triton_chunked", block_m=rows, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw,
-                          num_stages=ns)
-        else:
-            bm, bn, nw, ns, bd, tma = (int(x) for x in tile.split(","))
-            var = Variant("triton", BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
+        var = tile_variant(args.family, [int(x) for x in tile.split(",")])
         try:
             kernels = compile_variant(var, shape, args.arch, grad=args.grad, mask_rows=args.mask_rows)
         except Exception as exc:  # noqa: BLE001 - a tile that does not compile is a result

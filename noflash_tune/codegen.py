@@ -116,14 +116,28 @@ def templates_hash(templates: tuple[str, ...] | None = None) -> str:
     return _hash_files(root, (path for folder in folders for path in sorted(folder.rglob("*.j2"))))
 
 
+def _referenced_templates(name: str) -> set[str]:
+    """``name`` and every template it imports, includes or extends, transitively (names as the loader takes them)."""
+    from jinja2 import meta
+
+    env, seen, todo = _env(), set(), [name]
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        source = env.loader.get_source(env, t)[0]
+        todo += [r for r in meta.find_referenced_templates(env.parse(source)) if r is not None]
+    return seen
+
+
 @lru_cache(maxsize=16)
 def family_templates_hash(family: str) -> str:
-    """A hash of the templates ``family`` renders: its own files and the shared partials (``_*.j2``) of their
-    folders. Another family's own template, added or edited, leaves it unchanged."""
+    """A hash of the templates ``family`` renders: its own files and every template they import (the shared
+    partials). Another family's own template, added or edited, leaves it unchanged."""
     root = templates_dir()
-    own = {root / t for t in FAMILIES[family].templates}
-    partials = {path for folder in {p.parent for p in own} for path in folder.glob("_*.j2")}
-    return _hash_files(root, sorted(own | partials))
+    names = set().union(*(_referenced_templates(t) for t in FAMILIES[family].templates))
+    return _hash_files(root, sorted(root / t for t in names))
 
 
 def clear_hash_caches() -> None:

@@ -201,17 +201,27 @@ def _shared_memory_bytes(call: "Call") -> int:
     return shared_memory_limit(call.q.device.index or 0) if call.q.device.type == "cuda" else 232448
 
 
-def triton_chunked_prune_reason(v: "Variant", call: "Call") -> str:
-    """Analytic pruning of a ``triton_chunked`` config before any launch ('' = keep)."""
+def _score_block_reason(p, call: "Call") -> str:
+    """What the stored-score families (triton_chunked, triton_chunked_ws) ask of a call and their block of query rows."""
     from .variants import _next_pow2
 
-    p = v.params
     d = max(call.E, call.Ev)
     if d < CHUNKED_MIN_HEAD_DIM:
         return (f"head dim {d} < {CHUNKED_MIN_HEAD_DIM}: a fused kernel keeps the scores on chip, this family stores "
                 "them (an HBM round trip a score)")
     if p["block_m"] > max(_next_pow2(call.L), 256):
         return f"block_m={p['block_m']} exceeds the {call.L} query rows"
+    return ""
+
+
+def triton_chunked_prune_reason(v: "Variant", call: "Call") -> str:
+    """Analytic pruning of a ``triton_chunked`` config before any launch ('' = keep)."""
+    from .variants import _next_pow2
+
+    p = v.params
+    why = _score_block_reason(p, call)
+    if why:
+        return why
     rows = min(p["block_m"], call.L) * call.groups
     bm, bn, bd, nw = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_D"], p["num_warps"]
     if bm > max(_next_pow2(rows), 32):
@@ -303,16 +313,22 @@ WS_CONSUMER_REGS = 240  # registers a consumer thread gets (setmaxnreg)
 WS_HEAD_DIMS = (64, 128, 256)
 
 
-def triton_ws_reasons(call: "Call") -> list[str]:
-    """Why the warp-specialised Gluon forward cannot serve ``call`` (beyond the Triton family's reasons)."""
+def _gluon_hopper_reasons(family: str, call: "Call") -> list[str]:
+    """Why a Gluon family for Hopper (warpgroup MMAs fed by bulk tensor copies) cannot serve ``call``."""
     out = []
     if call.q.device.type == "cuda" and (torch.version.hip is not None
                                          or torch.cuda.get_device_capability(call.q.device)[0] != 9):
-        out.append("triton_ws issues wgmma, which only Hopper (sm_90) has")
+        out.append(f"{family} issues wgmma, which only Hopper (sm_90) has")
     if _triton_version() < (3, 6):
-        out.append("triton_ws is written in Gluon as Triton 3.6 has it")
+        out.append(f"{family} is written in Gluon as Triton 3.6 has it")
     if call.q.dtype not in (torch.float16, torch.bfloat16):
-        out.append(f"triton_ws takes fp16/bf16, not {call.q.dtype}")
+        out.append(f"{family} takes fp16/bf16, not {call.q.dtype}")
+    return out
+
+
+def triton_ws_reasons(call: "Call") -> list[str]:
+    """Why the warp-specialised Gluon forward cannot serve ``call`` (beyond the Triton family's reasons)."""
+    out = _gluon_hopper_reasons("triton_ws", call)
     if call.E != call.Ev or call.E not in WS_HEAD_DIMS:
         out.append(f"triton_ws takes E == Ev in {WS_HEAD_DIMS}, not E={call.E}, Ev={call.Ev}")
     return out
@@ -333,6 +349,42 @@ def triton_ws_prune_reason(v: "Variant", call: "Call") -> str:
     if regs > WS_CONSUMER_REGS:
         return f"~{regs} registers a consumer thread > {WS_CONSUMER_REGS} (64x{bn} scores, 64x{d} output)"
     smem = (2 * WS_HALF_ROWS * d + p["num_stages"] * 2 * bn * d) * 2 + 1024
+    limit = _shared_memory_bytes(call)
+    if smem > limit:
+        return f"shared memory ~{smem // 1024} KiB > the device's {limit // 1024} KiB"
+    return ""
+
+
+# triton_chunked_ws (templates/triton/chunked_fwd_ws.py.j2): two consumer warpgroups of 64 stacked query rows, as
+# triton_ws, over the stored scores.
+def triton_chunked_ws_reasons(call: "Call") -> list[str]:
+    """Why the warp-specialised stored-score kernel cannot serve ``call`` (beyond the Triton family's reasons)."""
+    out = _gluon_hopper_reasons("triton_chunked_ws", call)
+    if call.Ev % 8:
+        out.append(f"triton_chunked_ws copies V in bulk: its rows must be 16-byte aligned (Ev % 8 == 0), not Ev={call.Ev}")
+    return out
+
+
+def triton_chunked_ws_prune_reason(v: "Variant", call: "Call") -> str:
+    """Analytic pruning of a ``triton_chunked_ws`` config before any launch ('' = keep)."""
+    from .variants import _next_pow2
+
+    p = v.params
+    why = _score_block_reason(p, call)
+    if why:
+        return why
+    bn, bd = p["BLOCK_N"], p["BLOCK_D"]
+    if bn > max(_next_pow2(call.S), 64):
+        return f"BLOCK_N={bn} > the {call.S} keys"
+    if bd > max(_next_pow2(call.Ev), 128):
+        return f"BLOCK_D={bd} > the value head dim {call.Ev}"
+    # A consumer thread holds its share of the 64 x BLOCK_N fp32 scores, of P in 16 bits and of the 64 x BLOCK_D fp32
+    # output, plus ~40 for addresses, statistics and the loop (checked against the compiled kernel:
+    # tests/test_triton_sass.py).
+    regs = WS_HALF_ROWS * bn // 128 + WS_HALF_ROWS * bn // 256 + WS_HALF_ROWS * bd // 128 + 40
+    if regs > WS_CONSUMER_REGS:
+        return f"~{regs} registers a consumer thread > {WS_CONSUMER_REGS} (64x{bn} scores, 64x{bd} output)"
+    smem = p["num_stages"] * (2 * WS_HALF_ROWS * bn + bn * bd) * 2 + 1024
     limit = _shared_memory_bytes(call)
     if smem > limit:
         return f"shared memory ~{smem // 1024} KiB > the device's {limit // 1024} KiB"

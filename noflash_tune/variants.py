@@ -45,6 +45,12 @@ class Family:
     reasons_fn: Callable[["Call"], list[str]] | None = None
     prune_fn: Callable[["Variant", "Call"], str] | None = None  # analytic pruning of one point ('' = keep)
 
+    @property
+    def stores_scores(self) -> bool:
+        """A query-chunked Triton family: the BLAS GEMM's scores of block_m query rows are stored, then read by its
+        kernel (its memory grows with block_m; top-left causal only)."""
+        return self.kind == "triton" and "block_m" in self.space
+
     def reasons(self, call: "Call") -> list[str]:
         """Why this family cannot serve ``call``; an empty list means it can."""
         return self.reasons_fn(call) if self.reasons_fn else []
@@ -95,6 +101,12 @@ def _triton_ws_reasons(call: "Call") -> list[str]:
     from .device import triton_ws_reasons
 
     return _triton_reasons(call) + _inference_only_reasons(call) + triton_ws_reasons(call)
+
+
+def _triton_chunked_ws_reasons(call: "Call") -> list[str]:
+    from .device import triton_chunked_ws_reasons
+
+    return _triton_reasons(call) + _inference_only_reasons(call) + triton_chunked_ws_reasons(call)
 
 
 def _native_reasons(backend: str) -> Callable[["Call"], list[str]]:
@@ -189,6 +201,12 @@ def _triton_ws_prune_reason(v: "Variant", call: "Call") -> str:
     return triton_ws_prune_reason(v, call)
 
 
+def _triton_chunked_ws_prune_reason(v: "Variant", call: "Call") -> str:
+    from .device import triton_chunked_ws_prune_reason
+
+    return triton_chunked_ws_prune_reason(v, call)
+
+
 FAMILIES: dict[str, Family] = {}
 
 
@@ -278,6 +296,21 @@ _register(Family(
     reasons_fn=_triton_ws_reasons,
     prune_fn=_triton_ws_prune_reason,
 ))
+_register(Family(
+    name="triton_chunked_ws",
+    kind="triton",
+    space={"block_m": (512, 1024, 2048, 4096), "BLOCK_N": (64, 128), "BLOCK_D": (128, 256), "num_stages": (2, 3, 4),
+           "accumulation": ("fp32",)},
+    # triton_chunked's query blocks (block_m rows: the BLAS GEMM's scores, stored) with a warp-specialised P @ V
+    # kernel for Hopper in Gluon: a producer warp copying score and V tiles, two consumer warpgroups of 64 stacked
+    # rows x BLOCK_D output columns. Inference only, fp16/bf16, head dims >= 256 (the pruning's, as triton_chunked).
+    # The defaults measured best at D=512 on an H200 (472 TFLOP/s; causal 384, where 512-row blocks reach 406).
+    defaults={"block_m": 1024, "BLOCK_N": 64, "BLOCK_D": 256, "num_stages": 4, "accumulation": "fp32"},
+    templates=("triton/chunked_fwd_ws.py.j2",),
+    autograd=False,
+    reasons_fn=_triton_chunked_ws_reasons,
+    prune_fn=_triton_chunked_ws_prune_reason,
+))
 for _b in NATIVE_BACKENDS:
     _register(Family(name=f"native:{_b}", kind="native", space={}, defaults={}, reasons_fn=_native_reasons(_b)))
 
@@ -309,6 +342,11 @@ TRITON_SEEDS_BWD = {
 # (block_m, BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
 TRITON_CHUNKED_SEEDS = ((2048, 64, 64, 512, 8, 3), (4096, 64, 64, 512, 8, 3), (2048, 64, 32, 256, 8, 3),
                         (1024, 64, 64, 512, 8, 3), (2048, 64, 32, 256, 4, 3), (2048, 128, 64, 256, 8, 3))
+# triton_chunked_ws tiles that measured best on an H200 at D=512 (bench/NOTES.md, round 10), as
+# (block_m, BLOCK_N, BLOCK_D, num_stages): 64-key tiles of 256 columns three or four deep, any block_m (468-472
+# TFLOP/s), short blocks when causal (512 rows: 406); 128 columns 15-20% behind.
+TRITON_CHUNKED_WS_SEEDS = ((512, 64, 256, 4), (4096, 64, 256, 3), (2048, 64, 256, 3), (512, 64, 256, 3),
+                           (4096, 128, 128, 3))
 # triton_ws tiles that measured best on an H200 (bench/NOTES.md, round 9), as (BLOCK_N, num_stages, pingpong):
 # 128-key tiles three deep at D <= 128 (ping-pong 1-5% behind at steady clocks, ahead in a run's first seconds),
 # 64-key tiles two deep at D=256.
@@ -331,6 +369,25 @@ def triton_seed_tiles(head_dim: int, grad: bool) -> list[tuple]:
     return list(dict.fromkeys(tiles))
 
 
+TRITON_FAMILY_SEEDS = {"triton_chunked": TRITON_CHUNKED_SEEDS, "triton_chunked_ws": TRITON_CHUNKED_WS_SEEDS,
+                       "triton_ws": TRITON_WS_SEEDS}
+# The fields of a Triton family's tile tuples (its seeds above, the benches' --tile), in order.
+TILE_FIELDS = {
+    "triton": ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "BLOCK_D", "tma"),
+    "triton_chunked": ("block_m", "BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages"),
+    "triton_chunked_ws": ("block_m", "BLOCK_N", "BLOCK_D", "num_stages"),
+    "triton_ws": ("BLOCK_N", "num_stages", "pingpong"),
+}
+
+
+def tile_variant(family: str, tile, **params) -> "Variant":
+    """The Variant of ``family`` for one tile tuple (fields as in ``TILE_FIELDS``), other params as given."""
+    fields = TILE_FIELDS[family]
+    if len(tile) != len(fields):
+        raise ValueError(f"a {family} tile is ({', '.join(fields)}), got {tuple(tile)}")
+    return Variant(family, **dict(zip(fields, tile)), **params)
+
+
 def seed_variants(family: str, call: "Call") -> list["Variant"]:
     """What the tuner measures first for ``family``: its defaults, then the seeds for this call (Triton's tiles
     for its head dim; the chunked tiers' GPU blocks)."""
@@ -341,13 +398,9 @@ def seed_variants(family: str, call: "Call") -> list["Variant"]:
             # Tensor-map loads won by ~5% with a key-padding mask and with GQA (bench/NOTES.md, round 3): there
             # they go first, before the bucket's share runs out.
             tiles.sort(key=lambda t: t[5] != 1)
-        out += [Variant(family, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, BLOCK_D=bd, tma=tma)
-                for bm, bn, nw, ns, bd, tma in tiles]
-    elif family == "triton_chunked":
-        out += [Variant(family, block_m=c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw, num_stages=ns)
-                for c, bm, bn, bd, nw, ns in TRITON_CHUNKED_SEEDS]
-    elif family == "triton_ws":
-        out += [Variant(family, BLOCK_N=bn, num_stages=ns, pingpong=pp) for bn, ns, pp in TRITON_WS_SEEDS]
+        out += [tile_variant(family, t) for t in tiles]
+    elif family in TRITON_FAMILY_SEEDS:
+        out += [tile_variant(family, t) for t in TRITON_FAMILY_SEEDS[family]]
     elif family == "torch_chunked" and call.q.device.type == "cuda":
         if call.needs_grad:  # the forward's P kept for the backward: one GEMM and two passes a block less
             out += [Variant(family, block_m=bm, streams=st, keep_p=1) for bm, st in CHUNKED_SEEDS_GPU[:2]]

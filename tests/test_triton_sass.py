@@ -134,3 +134,30 @@ def test_triton_ws_tiles_are_pruned_exactly_when_they_would_spill_or_pass_shared
     call = Shape(B=1, H=2, L=1024, E=E).planning_call("cpu")
     reason = prune_reason(Variant("triton_ws", BLOCK_N=bn, num_stages=ns, pingpong=pp), call)
     assert (reason == "") == runs, (rep, reason)
+
+
+@pytest.mark.parametrize("tile,causal,mask", [((1024, 128, 128, 3), True, ()),
+                                              ((1024, 64, 256, 4), False, ("--mask", "float", "--mask-rows"))], ids=str)
+def test_triton_chunked_ws_compiles_to_a_copy_warp_feeding_two_wgmma_warpgroups(tile, causal, mask):
+    """The Gluon stored-score kernel at D=512 as Hopper runs it: warp-specialised (12 warps, no spills, with an
+    (L, S) float mask too), its score and V tiles by bulk tensor copies, P @ V on warpgroup MMAs."""
+    (rep,) = _report_lines(tile, 512, causal, family="triton_chunked_ws", extra=mask)
+    assert "error" not in rep, rep
+    assert rep["warp-specialised"] and rep["warps"] == 12, rep
+    assert rep["UTMALDG"] > 0 and rep["HGMMA"] > 0 and rep["HMMA"] == 0 and rep["LDGSTS.128"] == 0, rep
+    assert rep["local ld/st (spills)"] == 0 and rep["shared KiB"] <= 227, rep
+
+
+@pytest.mark.parametrize("tile", [(1024, 128, 256, 2), (1024, 128, 128, 4), (1024, 64, 256, 4), (1024, 128, 128, 3)])
+def test_triton_chunked_ws_tiles_are_pruned_exactly_when_they_would_spill_or_pass_shared_memory(tile):
+    """triton_chunked_ws's register and shared-memory estimates against the compiled kernel: 64x128 scores beside a
+    64x256 output spill a consumer's 240 registers, four stages of 128x128 tiles pass 227 KiB; 64-key tiles four
+    deep at 256 columns and 128-key tiles three deep at 128 compile clean and are kept."""
+    from noflash_tune.shapes import Shape
+    from noflash_tune.variants import prune_reason, tile_variant
+
+    (rep,) = _report_lines(tile, 512, family="triton_chunked_ws")
+    runs = "error" not in rep and rep["shared KiB"] <= 227 and rep["local ld/st (spills)"] == 0
+    call = Shape(B=1, H=2, L=1024, E=512).planning_call("cpu")
+    reason = prune_reason(tile_variant("triton_chunked_ws", tile), call)
+    assert (reason == "") == runs, (rep, reason)

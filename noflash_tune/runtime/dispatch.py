@@ -22,7 +22,7 @@ from .native import original_sdpa
 
 log = logging.getLogger("noflash_tune")
 
-OUR_FAMILIES = ("triton", "triton_ws", "triton_chunked") + TIER_ORDER
+OUR_FAMILIES = ("triton", "triton_ws", "triton_chunked_ws", "triton_chunked") + TIER_ORDER
 # Without a measurement, serve a call that native would run on its math path once math's fp32 score matrix
 # reaches this size: below it, math's single GEMM is as fast and memory is not at stake.
 MATH_SCORES_BYTES = 64 << 20

@@ -49,7 +49,7 @@ def workspace_bytes(variant: Variant, call) -> int:
         if backend == "math":
             return out + B * H * L * S * 4 * (3 if call.needs_grad else 2)
         return out
-    if variant.family == "triton_chunked":  # one reused score block in the input dtype
+    if variant.spec.stores_scores:  # one reused score block in the input dtype
         rows = min(variant.params["block_m"], L)
         return out + B * H * rows * S * _elt(call.dtype) + B * call.Hkv * S * (E + Ev) * _elt(call.dtype)
     if variant.kind == "triton":
@@ -80,7 +80,7 @@ def run_variant(variant: Variant, call) -> torch.Tensor:
     """Run exactly ``variant`` (no fallback); returns (B, H, L, Ev)."""
     if variant.kind == "native":
         return run_native(call, variant.family.split(":", 1)[1])
-    if variant.kind == "triton" and not FAMILIES[variant.family].autograd:  # triton_chunked, triton_ws
+    if variant.kind == "triton" and not variant.spec.autograd:  # the inference-only Triton families
         from .triton_op import triton_inference_attention
 
         return triton_inference_attention(call, variant)
@@ -96,9 +96,9 @@ def run_variant(variant: Variant, call) -> torch.Tensor:
 def halvings(variant: Variant, call) -> list[Variant]:
     """The same family with less memory: first without the kept P (keep_p=0 recomputes it, the largest saving),
     then its row block halved (then its key block), down to the smallest in its space (32 rows, 64 keys for the
-    PyTorch tiers; 256 rows for triton_chunked's score block)."""
+    PyTorch tiers; the smallest score block of a stored-score Triton family)."""
     out = []
-    if variant.kind != "torch" and variant.family != "triton_chunked":
+    if variant.kind != "torch" and not variant.spec.stores_scores:
         return out
     v = variant
     if v.params.get("keep_p"):

@@ -159,12 +159,12 @@ def _triton_infer_fwd_fake(q, k, v, mask, scale, causal, bottom_right, family, p
 
 
 def triton_inference_attention(call, variant: Variant, causal_bottom_right: bool = False) -> Tensor:
-    """Run ``variant`` (an inference-only Triton family: triton_chunked, triton_ws) on a normalised Call
+    """Run ``variant`` (an inference-only Triton family: triton_ws, the stored-score ones) on a normalised Call
     (``variants`` rejects a call that needs grad or dropout)."""
     if call.needs_grad or call.dropout_p > 0:
         raise NotImplementedError(f"{variant.family} is inference only (no grad, no dropout)")
-    if causal_bottom_right and variant.family == "triton_chunked":
-        raise NotImplementedError("triton_chunked renders top-left causal masking only")
+    if causal_bottom_right and variant.spec.stores_scores:
+        raise NotImplementedError(f"{variant.family} renders top-left causal masking only")
     return torch.ops.noflash_tune.triton_infer_fwd(call.q, call.k, call.v, call.mask, float(call.scale),
                                                    bool(call.causal), bool(causal_bottom_right), variant.family,
                                                    params_key(variant, variant.family))
