@@ -541,7 +541,8 @@ def main(argv=None):
     ap.add_argument("--no-native", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     ap.add_argument("--tma", action="store_true", help="also each whole-head-dim tile with tma=1")
-    ap.add_argument("--family", default="triton", choices=("triton", "triton_chunked", "triton_chunked_ws", "triton_ws"),
+    ap.add_argument("--family", default="triton",
+                    choices=("triton", "triton_chunked", "triton_chunked_ws", "triton_ws"),
                     help="the Triton family whose tiles the sweep measures")
     ap.add_argument("--rounds", type=int, default=3, help="--dispatched: interleaved rounds, the median kept")
     ap.add_argument("--dispatched", action="store_true",

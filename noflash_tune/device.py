@@ -202,7 +202,8 @@ def _shared_memory_bytes(call: "Call") -> int:
 
 
 def _score_block_reason(p, call: "Call") -> str:
-    """What the stored-score families (triton_chunked, triton_chunked_ws) ask of a call and their block of query rows."""
+    """What the stored-score families (triton_chunked, triton_chunked_ws) ask of a call and of their block of query
+    rows."""
     from .variants import _next_pow2
 
     d = max(call.E, call.Ev)
@@ -361,7 +362,8 @@ def triton_chunked_ws_reasons(call: "Call") -> list[str]:
     """Why the warp-specialised stored-score kernel cannot serve ``call`` (beyond the Triton family's reasons)."""
     out = _gluon_hopper_reasons("triton_chunked_ws", call)
     if call.Ev % 8:
-        out.append(f"triton_chunked_ws copies V in bulk: its rows must be 16-byte aligned (Ev % 8 == 0), not Ev={call.Ev}")
+        out.append("triton_chunked_ws copies V in bulk: its rows must be 16-byte aligned (Ev % 8 == 0), "
+                   f"not Ev={call.Ev}")
     return out
 
 
