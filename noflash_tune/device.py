@@ -335,6 +335,17 @@ def triton_ws_reasons(call: "Call") -> list[str]:
     return out
 
 
+def _ws_consumer_registers_reason(bn: int, cols: int) -> str:
+    """The register budget of a Gluon consumer warpgroup (triton_ws, triton_chunked_ws): a thread holds its share
+    of the 64 x BLOCK_N fp32 scores, of P in 16 bits and of the 64 x ``cols`` fp32 output, plus ~40 for addresses,
+    statistics and the loop; a mask tile adds none, its loads consumed as they land (checked against the compiled
+    kernels: tests/test_triton_sass.py). '' when it fits."""
+    regs = WS_HALF_ROWS * bn // 128 + WS_HALF_ROWS * bn // 256 + WS_HALF_ROWS * cols // 128 + 40
+    if regs > WS_CONSUMER_REGS:
+        return f"~{regs} registers a consumer thread > {WS_CONSUMER_REGS} (64x{bn} scores, 64x{cols} output)"
+    return ""
+
+
 def triton_ws_prune_reason(v: "Variant", call: "Call") -> str:
     """Analytic pruning of a ``triton_ws`` config before any launch ('' = keep)."""
     from .variants import _next_pow2
@@ -343,12 +354,9 @@ def triton_ws_prune_reason(v: "Variant", call: "Call") -> str:
     bn, d = p["BLOCK_N"], call.E
     if bn > max(_next_pow2(call.S), 64):
         return f"BLOCK_N={bn} > the {call.S} keys"
-    # A consumer thread holds its share of the 64 x BLOCK_N fp32 scores, of P in 16 bits, and of the 64 x D fp32
-    # output, plus ~40 for addresses, statistics and the loop; a mask tile adds none, its loads consumed as they
-    # land (checked against the compiled kernel: tests/test_triton_sass.py).
-    regs = WS_HALF_ROWS * bn // 128 + WS_HALF_ROWS * bn // 256 + WS_HALF_ROWS * d // 128 + 40
-    if regs > WS_CONSUMER_REGS:
-        return f"~{regs} registers a consumer thread > {WS_CONSUMER_REGS} (64x{bn} scores, 64x{d} output)"
+    why = _ws_consumer_registers_reason(bn, d)
+    if why:
+        return why
     smem = (2 * WS_HALF_ROWS * d + p["num_stages"] * 2 * bn * d) * 2 + 1024
     limit = _shared_memory_bytes(call)
     if smem > limit:
@@ -380,12 +388,9 @@ def triton_chunked_ws_prune_reason(v: "Variant", call: "Call") -> str:
         return f"BLOCK_N={bn} > the {call.S} keys"
     if bd > max(_next_pow2(call.Ev), 128):
         return f"BLOCK_D={bd} > the value head dim {call.Ev}"
-    # A consumer thread holds its share of the 64 x BLOCK_N fp32 scores, of P in 16 bits and of the 64 x BLOCK_D fp32
-    # output, plus ~40 for addresses, statistics and the loop (checked against the compiled kernel:
-    # tests/test_triton_sass.py).
-    regs = WS_HALF_ROWS * bn // 128 + WS_HALF_ROWS * bn // 256 + WS_HALF_ROWS * bd // 128 + 40
-    if regs > WS_CONSUMER_REGS:
-        return f"~{regs} registers a consumer thread > {WS_CONSUMER_REGS} (64x{bn} scores, 64x{bd} output)"
+    why = _ws_consumer_registers_reason(bn, bd)
+    if why:
+        return why
     smem = p["num_stages"] * (2 * WS_HALF_ROWS * bn + bn * bd) * 2 + 1024
     limit = _shared_memory_bytes(call)
     if smem > limit:
