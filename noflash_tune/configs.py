@@ -785,8 +785,8 @@ class ConfigSet:
 
     def lookup(self, bucket: Bucket, accept: Callable[[Entry], bool] | None = None) -> tuple[Entry, str] | None:
         """The entry for ``bucket``: ``(entry, "exact")``, else the nearest one with the same dtype, head dims,
-        causality and mask kind (fewest log2 steps in sequence lengths, then grad/GQA mismatches; fresh before
-        stale on ties) as ``(entry, "nearest")``, else ``None``. ``accept`` filters candidates (e.g. a variant
+        causality, mask kind and forward/forward+backward (fewest log2 steps in sequence lengths, then a GQA
+        mismatch; fresh before stale on ties) as ``(entry, "nearest")``, else ``None``. ``accept`` filters candidates (e.g. a variant
         that cannot run backward for a call that needs grad)."""
         ok = accept or (lambda e: True)
         exact = self.by_key.get(bucket.key)

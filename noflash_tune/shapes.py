@@ -42,8 +42,9 @@ class Bucket:
 
     @property
     def family_key(self) -> tuple:
-        """What must match for a nearest-sequence lookup."""
-        return (self.dtype, self.head_dim, self.head_dim_v, self.causal, self.mask)
+        """What must match for a nearest-sequence lookup. Forward+backward is part of it: a fwd+bwd entry's times
+        (and its winner, which may keep P for the backward) say nothing of a forward-only call, nor the reverse."""
+        return (self.dtype, self.head_dim, self.head_dim_v, self.causal, self.mask, self.grad)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -59,9 +60,9 @@ class Bucket:
                    seq_k=pow2_ceil(call.S), grad=call.needs_grad)
 
     def distance(self, other: "Bucket") -> float:
-        """How far another bucket of the same family key is: log2 steps in sequence, then grad/GQA mismatches."""
+        """How far another bucket of the same family key is: log2 steps in sequence, then a GQA mismatch."""
         return (abs(math.log2(self.seq_q) - math.log2(other.seq_q)) + abs(math.log2(self.seq_k) - math.log2(other.seq_k))
-                + 4 * (self.grad != other.grad) + 2 * (self.gqa != other.gqa))
+                + 2 * (self.gqa != other.gqa))
 
 
 @dataclass(frozen=True)

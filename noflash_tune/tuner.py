@@ -709,7 +709,7 @@ class HopelessFamilies:
     @staticmethod
     def _kind(shape: Shape) -> tuple:
         b = shape.bucket()
-        return (*b.family_key, b.gqa, b.grad)
+        return (*b.family_key, b.gqa)
 
     def record(self, shape: Shape, study: optuna.Study | None) -> None:
         best = family_bests(study) if study is not None else {}

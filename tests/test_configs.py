@@ -414,8 +414,11 @@ def test_lookup_exact_then_nearest_same_family_then_none(tmp_path):
     assert (how, e.ms) == ("nearest", 2.0)
     e, how = cs.lookup(shape(L=2000, causal=True).bucket())  # only the causal entry shares the family key
     assert (how, e.ms) == ("nearest", 3.0)
-    e, how = cs.lookup(shape(L=65536).bucket())  # grad mismatch costs 4 steps: 4096 is 8 steps, 65536+grad is 4
+    e, how = cs.lookup(shape(L=65536).bucket())  # a fwd+bwd entry never serves a forward call, however near
+    assert (how, e.ms) == ("nearest", 2.0)
+    e, how = cs.lookup(shape(L=512, grad=True).bucket())  # nor a forward entry a call that needs gradients
     assert (how, e.ms) == ("nearest", 9.0)
+    assert cs.lookup(shape(L=512, E=128, grad=True).bucket()) is None
     assert cs.lookup(shape(L=512, E=128).bucket()) is None
     assert cs.lookup(shape(L=512, mask="bool").bucket()) is None
     assert cs.lookup(shape(L=512, dtype="bf16").bucket()) is None
