@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -80,6 +81,13 @@ class Call:
     @property
     def device(self) -> torch.device:
         return self.q.device
+
+    @cached_property
+    def native_fused(self) -> tuple[str, ...]:
+        """The native fused backends that would take this call, in native's priority order (probed once a call)."""
+        from .device import native_fused_backends
+
+        return tuple(native_fused_backends(self))
 
     @property
     def trivial(self) -> bool:

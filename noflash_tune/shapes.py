@@ -14,13 +14,10 @@ from pathlib import Path
 
 import torch
 
+from .sizes import pow2_ceil
 from .variants import DTYPE_NAMES, dtype_from_name
 
 MASKS = ("none", "bool", "float")
-
-
-def pow2_ceil(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
+
+from . import device as _device, precision, resources
+from .sizes import pow2_ceil
 
 if TYPE_CHECKING:  # pragma: no cover
     from .contract import Call
@@ -77,8 +79,6 @@ def _inplace_reasons(call: "Call") -> list[str]:
 
 
 def _triton_reasons(call: "Call") -> list[str]:
-    from . import device as _device
-
     out = []
     if call.q.device.type != "cuda":
         out.append(f"Triton kernels run on CUDA/ROCm devices, not {call.q.device.type}")
@@ -98,23 +98,16 @@ def _triton_chunked_reasons(call: "Call") -> list[str]:
 
 
 def _triton_ws_reasons(call: "Call") -> list[str]:
-    from .device import triton_ws_reasons
-
-    return _triton_reasons(call) + _inference_only_reasons(call) + triton_ws_reasons(call)
+    return _triton_reasons(call) + _inference_only_reasons(call) + resources.triton_ws_reasons(call)
 
 
 def _triton_chunked_ws_reasons(call: "Call") -> list[str]:
-    from .device import triton_chunked_ws_reasons
-
-    return _triton_reasons(call) + _inference_only_reasons(call) + triton_chunked_ws_reasons(call)
+    return _triton_reasons(call) + _inference_only_reasons(call) + resources.triton_chunked_ws_reasons(call)
 
 
 def _native_reasons(backend: str) -> Callable[["Call"], list[str]]:
     def reasons(call: "Call") -> list[str]:
-        from . import device as _device
-
-        why = _device.native_backend_reasons(backend, call)
-        return why
+        return _device.native_backend_reasons(backend, call)
 
     return reasons
 
@@ -125,9 +118,9 @@ def _torch_prune_reason(v: "Variant", call: "Call") -> str:
     dt = call.q.dtype
     on_gpu = call.q.device.type != "cpu"
     bm = p["block_m"]
-    if bm > max(_next_pow2(L * call.groups), 32):
+    if bm > max(pow2_ceil(L * call.groups), 32):
         return f"block_m={bm} exceeds the {L * call.groups} rows per kv head"
-    if "block_n" in p and p["block_n"] > max(_next_pow2(S), 64):
+    if "block_n" in p and p["block_n"] > max(pow2_ceil(S), 64):
         return f"block_n={p['block_n']} exceeds S={S}"
     if p.get("streams", 1) > 1:
         if call.q.device.type != "cuda":
@@ -181,30 +174,6 @@ def _exp_softmax_reason(v: "Variant", call: "Call") -> str:
     if cdt == torch.bfloat16 and call.q.device.type == "cpu":
         return "softmax=exp needs an fp32-output bf16 GEMM, which the CPU lacks"
     return ""
-
-
-def _triton_prune_reason(v: "Variant", call: "Call") -> str:
-    from .device import triton_prune_reason
-
-    return triton_prune_reason(v, call)
-
-
-def _triton_chunked_prune_reason(v: "Variant", call: "Call") -> str:
-    from .device import triton_chunked_prune_reason
-
-    return triton_chunked_prune_reason(v, call)
-
-
-def _triton_ws_prune_reason(v: "Variant", call: "Call") -> str:
-    from .device import triton_ws_prune_reason
-
-    return triton_ws_prune_reason(v, call)
-
-
-def _triton_chunked_ws_prune_reason(v: "Variant", call: "Call") -> str:
-    from .device import triton_chunked_ws_prune_reason
-
-    return triton_chunked_ws_prune_reason(v, call)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -264,7 +233,7 @@ _register(Family(
               "accumulation": "fp32", "tma": 0},
     templates=("triton/attention_fwd.py.j2", "triton/attention_bwd.py.j2"),
     reasons_fn=_triton_reasons,
-    prune_fn=_triton_prune_reason,
+    prune_fn=resources.triton_prune_reason,
 ))
 _register(Family(
     name="triton_chunked",
@@ -279,7 +248,7 @@ _register(Family(
     templates=("triton/chunked_fwd.py.j2",),
     autograd=False,
     reasons_fn=_triton_chunked_reasons,
-    prune_fn=_triton_chunked_prune_reason,
+    prune_fn=resources.triton_chunked_prune_reason,
 ))
 _register(Family(
     name="triton_ws",
@@ -294,7 +263,7 @@ _register(Family(
     templates=("triton/attention_fwd_ws.py.j2",),
     autograd=False,
     reasons_fn=_triton_ws_reasons,
-    prune_fn=_triton_ws_prune_reason,
+    prune_fn=resources.triton_ws_prune_reason,
 ))
 _register(Family(
     name="triton_chunked_ws",
@@ -309,7 +278,7 @@ _register(Family(
     templates=("triton/chunked_fwd_ws.py.j2",),
     autograd=False,
     reasons_fn=_triton_chunked_ws_reasons,
-    prune_fn=_triton_chunked_ws_prune_reason,
+    prune_fn=resources.triton_chunked_ws_prune_reason,
 ))
 for _b in NATIVE_BACKENDS:
     _register(Family(name=f"native:{_b}", kind="native", space={}, defaults={}, reasons_fn=_native_reasons(_b)))
@@ -494,10 +463,6 @@ def compute_dtype(variant: Variant, input_dtype: torch.dtype) -> torch.dtype:
     return input_dtype if c == "input" else dtype_from_name(c)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
-
-
 def candidate_space(family: str, call: "Call") -> list[tuple[Variant | None, str]]:
     """Every point of ``family``'s space for this call, each with the reason it is pruned ('' = kept).
 
@@ -526,6 +491,7 @@ def candidate_space(family: str, call: "Call") -> list[tuple[Variant | None, str
 
 
 def prune_reason(v: Variant, call: "Call") -> str:
-    """Why ``v`` is pruned for ``call`` before any launch ('' = kept): its family's own rule."""
+    """Why ``v`` is pruned for ``call`` before any launch ('' = kept): its family's own rule, then the score
+    precision the call's native backend keeps (:mod:`noflash_tune.precision`)."""
     fn = v.spec.prune_fn
-    return fn(v, call) if fn else ""
+    return (fn(v, call) if fn else "") or precision.score_precision_reason(v, call)

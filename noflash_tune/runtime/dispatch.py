@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import contract, device
-from ..shapes import Bucket, pow2_ceil
+from ..shapes import Bucket
+from ..sizes import pow2_ceil
 from ..variants import FAMILIES, TIER_ORDER, Variant
 from . import fallback
 from .native import original_sdpa
