@@ -104,18 +104,23 @@ def _plan_label(plan) -> str:
 def recording_plans():
     """Count what the dispatcher chose for each SDPA call made in the body (a Counter of labels)."""
     seen: collections.Counter = collections.Counter()
-    real = dispatch.plan_for
+    real = dispatch.route_for
 
-    def spy(call):
-        plan = real(call)
-        seen[_plan_label(plan)] += 1
-        return plan
+    def spy(plan):
+        route, label = real(plan), _plan_label(plan)
 
-    dispatch.plan_for = spy
+        def counted(*args):
+            seen[label] += 1
+            return route(*args)
+        return counted
+
+    dispatch.route_for = spy
+    noflash_tune.clear_cache()  # routes made from here on count their calls
     try:
         yield seen
     finally:
-        dispatch.plan_for = real
+        dispatch.route_for = real
+        noflash_tune.clear_cache()
 
 
 # --- workloads ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from rich.table import Table  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import noflash_tune  # noqa: E402
 from noflash_tune import contract, measure, variants  # noqa: E402
-from noflash_tune.runtime import dispatch, fallback  # noqa: E402
+from noflash_tune.runtime import dispatch, fallback, plans  # noqa: E402
 from noflash_tune.runtime.native import original_sdpa, pinned  # noqa: E402
 from noflash_tune.shapes import Shape, dtype_from_name  # noqa: E402
 from noflash_tune.variants import Variant  # noqa: E402
@@ -60,7 +60,7 @@ def best_variant(shape: Shape, device: str, progress, task, swept: dict, graph: 
     as ``graph <variant>``)."""
     q, k, v, m = shape.make_inputs(device)
     call = contract.normalize(q, k, v, m, 0.0, shape.causal, None, False)
-    cs = dispatch.configs_for(torch.device(device))
+    cs = plans.configs_for(torch.device(device))
     def tier_for_this_call(entry):
         fam = variants.FAMILIES[entry.winner.family]
         return fam.kind == "torch" and (fam.autograd or not shape.grad)
@@ -158,7 +158,7 @@ def dispatch_overhead_us(device: str, dtype: str) -> tuple[float, float]:
     real_chain = fallback.run_chain
     try:
         call = contract.normalize(q, k, v, None, 0.0, False, None, True)
-        plan = dispatch.plan_for(call)
+        plan = plans.plan_for(call)
         with torch.no_grad():
             out = fallback.run_variant(plan.variant, call)
             kernel = measure.time_fn(lambda: fallback.run_variant(plan.variant, call), device, 300.0).ms * 1000

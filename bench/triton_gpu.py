@@ -223,15 +223,15 @@ def our_call(case, q, k, v, m):
 
 
 def run_ours(case, variant, q, k, v, m, dout=None):
-    from noflash_tune.runtime.triton_op import triton_attention, triton_inference_attention
+    from noflash_tune.runtime.fallback import run_variant
     from noflash_tune.variants import FAMILIES
 
     for t in (q, k, v):
         t.grad = None
     if not FAMILIES[variant.family].autograd:  # triton_chunked, triton_ws
         with torch.no_grad():
-            return {"out": triton_inference_attention(our_call(case, q, k, v, m), variant)}
-    out = triton_attention(our_call(case, q, k, v, m), variant)
+            return {"out": run_variant(variant, our_call(case, q, k, v, m))}
+    out = run_variant(variant, our_call(case, q, k, v, m))
     if dout is None:
         return {"out": out}
     out.backward(dout)
@@ -271,10 +271,10 @@ def time_ours(case, variant, q, k, v, m, dout):
         out, lse = fwd_mod.forward(call.q, call.k, call.v, call.mask, call.scale, 0.0, 0, True)
         res["bwd"] = bench_ms(lambda: bwd_mod.backward(call.q, call.k, call.v, call.mask, out, lse, dout,
                                                        call.scale, 0.0, 0, False))
-        from noflash_tune.runtime.triton_op import triton_attention
+        from noflash_tune.runtime.fallback import run_variant
 
         def fb():
-            triton_attention(our_call(case, q, k, v, m), variant).backward(dout)
+            run_variant(variant, our_call(case, q, k, v, m)).backward(dout)
 
         res["fwdbwd"] = bench_ms(fb, grad_to_none=[q, k, v])
     return res

@@ -83,10 +83,10 @@ def _noflash_t1():
 def _best_of_family(shape: Shape, device) -> dict[str, Variant]:
     """Per family: the tuned winner or runner-up of this bucket, else the family's first seed for this shape (its
     defaults where it has none)."""
-    from .runtime import dispatch
+    from .runtime import plans
 
     out = {}
-    cs = dispatch.configs_for(torch.device(device))
+    cs = plans.configs_for(torch.device(device))
     entry = None
     if cs is not None:
         found = cs.lookup(shape.bucket())

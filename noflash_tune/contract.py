@@ -14,7 +14,7 @@ Decisions where native is inconsistent (binding, see the contract notes):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -45,6 +45,10 @@ class Call:
     needs_grad: bool = False
     dense4d: bool = False  # the user's q/k/v are 4-D with equal batch sizes and equal (or GQA) heads
     mask_dims: int = 0  # the user's mask rank
+    bottom_right: bool = False  # causal aligned to the last key (flash-attn's convention; SDPA's is top-left)
+    # The user's own arguments (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa): native SDPA
+    # is handed these, not the 4-D views (an expanded mask view would be materialised by native's conversion).
+    original: tuple | None = field(default=None, repr=False)
 
     @property
     def B(self) -> int:
@@ -276,7 +280,20 @@ def normalize(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
                and key.size(1) == value.size(1) and (query.size(1) == key.size(1) or groups > 1))
     return Call(q=q4, k=k4, v=v4, mask=mask4, mask_kind=kind, dropout_p=p, causal=is_causal, scale=scale_v,
                 groups=groups, out_shape=tuple(out_shape), enable_gqa=enable_gqa, needs_grad=needs_grad,
-                dense4d=dense4d, mask_dims=attn_mask.dim() if attn_mask is not None else 0)
+                dense4d=dense4d, mask_dims=attn_mask.dim() if attn_mask is not None else 0,
+                original=(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa))
+
+
+def views_call(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, causal: bool, scale: float,
+               bottom_right: bool = False) -> Call:
+    """A :class:`Call` around 4-D views that :func:`normalize` already made and checked (the custom ops get these
+    back as their inputs): nothing is validated again."""
+    kind = "none" if mask is None else ("bool" if mask.dtype == torch.bool else "float")
+    B, H, L = q.shape[0], q.shape[1], q.shape[2]
+    return Call(q=q, k=k, v=v, mask=mask, mask_kind=kind, dropout_p=float(dropout_p), causal=bool(causal),
+                scale=float(scale), groups=H // k.shape[1], out_shape=(B, H, L, v.shape[-1]),
+                enable_gqa=H != k.shape[1], dense4d=True, mask_dims=4 if mask is not None else 0,
+                bottom_right=bool(bottom_right))
 
 
 def should_delegate(query, key, value, attn_mask) -> str:

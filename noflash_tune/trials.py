@@ -1,7 +1,9 @@
-"""Running one trial safely: accuracy (the 2x rule), then peak memory against the VRAM cap, then the median
-time, in a child process with a watchdog (GPU memory creeps across trials in one process, a hung kernel must not
-hang the tuner, and optuna's own timeout is only checked between trials). Also the deterministic stand-in
-objective (``--objective synthetic``) used to test the tuner and distributed runs without running kernels.
+"""Running one trial safely: accuracy (the 2x rule against the native backend the call would otherwise get, or
+the math in the input dtype where native has only its math path on a GPU; ``measure.check_variant``), then peak
+memory against the VRAM cap, then the median time, in a child process with a watchdog (GPU memory creeps across
+trials in one process, a hung kernel must not hang the tuner, and optuna's own timeout is only checked between
+trials). Also the deterministic stand-in objective (``--objective synthetic``) used to test the tuner and
+distributed runs without running kernels.
 """
 from __future__ import annotations
 
@@ -35,6 +37,16 @@ def variant_from_id(s: str) -> Variant:
     return Variant(family, **params)
 
 
+def _accuracy_reason(acc, limit: int = 300) -> str:
+    """Why a variant failed the accuracy rule, in at most ``limit`` characters: the rows over their bound, and always
+    the baseline they were held against (native SDPA on this device, or the math in the input dtype)."""
+    rows = "; ".join(f"{n}: {e:.3g} > {b:.3g} (baseline {base:.3g})" for n, (e, base, b) in acc.rows.items() if e > b)
+    tail = f" [baseline: {acc.baseline}]" if acc.baseline else ""
+    if len(rows) + len(tail) > limit:
+        rows = rows[: max(0, limit - len(tail) - 3)] + "..."
+    return rows + tail
+
+
 def _over_cap(peak: int, cap: int) -> dict:
     return {"status": "pruned_cap", "peak_bytes": peak, "reason": f"peak {peak / 2**20:.1f} MiB > cap {cap / 2**20:.1f} MiB"}
 
@@ -47,7 +59,7 @@ def run_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, bud
     try:
         acc = measure.check_variant(variant, shape, device)
         if not acc.ok:
-            return {"status": "pruned_accuracy", "reason": str(acc)[:300]}
+            return {"status": "pruned_accuracy", "reason": _accuracy_reason(acc)}
         runner = measure.make_runner(variant, shape, device)
         peak = measure.peak_extra_bytes(runner, device)
         if peak is None:  # no way to measure it here: the analytic workspace model stands in

@@ -7,6 +7,7 @@ a member of it, so rendering never sees a value that a config file invented.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -46,6 +47,12 @@ class Family:
     autograd: bool = True
     reasons_fn: Callable[["Call"], list[str]] | None = None
     prune_fn: Callable[["Variant", "Call"], str] | None = None  # analytic pruning of one point ('' = keep)
+    # A point's estimated demand on the device (resources.Footprint: shared memory, registers), for the Triton families
+    footprint_fn: Callable[["Variant", "Call"], "resources.Footprint"] | None = None
+    # The least demanding points of the space (each a dict of params, the rest the defaults): where the family's own
+    # rule prunes every one of them it prunes every point (its rules grow no looser as blocks, stages and warps grow),
+    # so no point fits the call, which default_for then knows without enumerating the space.
+    least: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def stores_scores(self) -> bool:
@@ -138,6 +145,9 @@ def _torch_prune_reason(v: "Variant", call: "Call") -> str:
     comp = p["compute"]
     if comp != "input" and dtype_from_name(comp) == dt:
         return "compute equals the input dtype (same as 'input')"
+    if comp == "fp32" and dt in (torch.float16, torch.bfloat16) and not on_gpu:
+        return ("compute=fp32 runs what compute=input with accumulation=fp32 runs on a CPU (both compute in fp32: "
+                "a CPU has no fp32-output half GEMM)")
     if dt in (torch.float32, torch.float64) and comp in ("fp16", "bf16"):
         return f"{comp} compute cannot meet the accuracy rule for {DTYPE_NAMES.get(dt, dt)} input"
     if dt == torch.float16 and comp == "bf16":
@@ -167,10 +177,10 @@ def _exp_softmax_reason(v: "Variant", call: "Call") -> str:
     if call.mask_kind == "float":
         return "softmax=exp is rendered as the fused softmax with a float mask"
     cdt = compute_dtype(v, call.q.dtype)
+    if p["accumulation"] == "fp32" and cdt in (torch.float16, torch.bfloat16) and call.q.device.type == "cpu":
+        cdt = torch.float32  # no fp32-output half GEMM on a CPU: the tier computes in fp32 (templates/torch/_blocks)
     if cdt not in (torch.bfloat16, torch.float32, torch.float64):
         return f"softmax=exp needs an 8-bit exponent; {DTYPE_NAMES.get(cdt, cdt)}'s exp overflows past 11"
-    if p["accumulation"] == "fp32" and cdt == torch.bfloat16:
-        return "softmax=exp with fp32 scores only adds traffic: with bf16 scores its error is already the math path's"
     if cdt == torch.bfloat16 and call.q.device.type == "cpu":
         return "softmax=exp needs an fp32-output bf16 GEMM, which the CPU lacks"
     return ""
@@ -234,21 +244,29 @@ _register(Family(
     templates=("triton/attention_fwd.py.j2", "triton/attention_bwd.py.j2"),
     reasons_fn=_triton_reasons,
     prune_fn=resources.triton_prune_reason,
+    footprint_fn=resources.triton_footprint,
+    least=tuple({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": bd, "num_warps": 2, "num_stages": 1, "compute": "input",
+                 "tma": 0} for bd in (0, 64, 128, 256)),
 ))
 _register(Family(
     name="triton_chunked",
     kind="triton",
     space={"block_m": (256, 512, 1024, 2048, 4096), "BLOCK_M": (32, 64, 128), "BLOCK_N": (16, 32, 64, 128),
            "BLOCK_D": (64, 128, 256, 512), "num_warps": (4, 8, 16), "num_stages": (1, 2, 3, 4),
-           "accumulation": ("fp32",)},
+           "accumulation": ("fp32",), "scores": ("fp32", "input")},
     # Tier 1's query blocks (block_m rows) with the scores from the BLAS GEMM and the softmax fused into the
     # P @ V kernel (BLOCK_M x BLOCK_N tiles of the stored scores, BLOCK_D output columns a program). Inference only.
+    # scores: the stored scores' dtype for fp16/bf16 input, fp32 (the GEMM's fp32 output, as every fused kernel keeps
+    # them) or the input's ("input": half the bytes, allowed only where native has no fused kernel; precision.py).
     defaults={"block_m": 2048, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 256, "num_warps": 4, "num_stages": 2,
-              "accumulation": "fp32"},
+              "accumulation": "fp32", "scores": "fp32"},
     templates=("triton/chunked_fwd.py.j2",),
     autograd=False,
     reasons_fn=_triton_chunked_reasons,
     prune_fn=resources.triton_chunked_prune_reason,
+    footprint_fn=resources.triton_chunked_footprint,
+    least=({"block_m": 256, "BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_D": 64, "num_warps": 4, "num_stages": 1,
+            "scores": "input"},),
 ))
 _register(Family(
     name="triton_ws",
@@ -264,21 +282,29 @@ _register(Family(
     autograd=False,
     reasons_fn=_triton_ws_reasons,
     prune_fn=resources.triton_ws_prune_reason,
+    footprint_fn=resources.triton_ws_footprint,
+    least=({"BLOCK_N": 64, "num_stages": 2},),
 ))
 _register(Family(
     name="triton_chunked_ws",
     kind="triton",
     space={"block_m": (512, 1024, 2048, 4096), "BLOCK_N": (64, 128), "BLOCK_D": (128, 256), "num_stages": (2, 3, 4),
-           "accumulation": ("fp32",)},
+           "accumulation": ("fp32",), "scores": ("fp32", "input")},
     # triton_chunked's query blocks (block_m rows: the BLAS GEMM's scores, stored) with a warp-specialised P @ V
     # kernel for Hopper in Gluon: a producer warp copying score and V tiles, two consumer warpgroups of 64 stacked
     # rows x BLOCK_D output columns. Inference only, fp16/bf16, head dims >= 256 (the pruning's, as triton_chunked).
-    # The defaults measured best at D=512 on an H200 (472 TFLOP/s; causal 384, where 512-row blocks reach 406).
-    defaults={"block_m": 1024, "BLOCK_N": 64, "BLOCK_D": 256, "num_stages": 4, "accumulation": "fp32"},
+    # The defaults are the D=512 tile that measured best on an H200 with scores in the input dtype (472 TFLOP/s;
+    # causal 384, where 512-row blocks reach 406), three stages deep, not four: with fp32 scores (the default, as
+    # triton_chunked's) four stages of its 64x64 score tiles and 64x256 V tiles take 256 KiB of shared memory,
+    # three 192 KiB (compiled for sm_90); the D=512 bucket's tuned winner is three deep, four within 1% of it.
+    defaults={"block_m": 1024, "BLOCK_N": 64, "BLOCK_D": 256, "num_stages": 3, "accumulation": "fp32",
+              "scores": "fp32"},
     templates=("triton/chunked_fwd_ws.py.j2",),
     autograd=False,
     reasons_fn=_triton_chunked_ws_reasons,
     prune_fn=resources.triton_chunked_ws_prune_reason,
+    footprint_fn=resources.triton_chunked_ws_footprint,
+    least=({"block_m": 512, "BLOCK_N": 64, "BLOCK_D": 128, "num_stages": 2, "scores": "input"},),
 ))
 for _b in NATIVE_BACKENDS:
     _register(Family(name=f"native:{_b}", kind="native", space={}, defaults={}, reasons_fn=_native_reasons(_b)))
@@ -424,6 +450,16 @@ class Variant:
     def replace(self, **params: Any) -> "Variant":
         return Variant(self.family, **{**self.params, **params})
 
+    def _moved(self, params: Mapping[str, Any]) -> "Variant":
+        """This variant with ``params`` changed to values its family's space holds (the caller took them from it:
+        not checked again), for a search that builds thousands of points."""
+        v = object.__new__(Variant)
+        merged = dict(sorted({**self.params, **params}.items()))
+        object.__setattr__(v, "family", self.family)
+        object.__setattr__(v, "params", merged)
+        object.__setattr__(v, "_key", (self.family, tuple(merged.items())))
+        return v
+
     def to_json(self) -> dict:
         return {"family": self.family, "params": dict(self.params)}
 
@@ -495,3 +531,109 @@ def prune_reason(v: Variant, call: "Call") -> str:
     precision the call's native backend keeps (:mod:`noflash_tune.precision`)."""
     fn = v.spec.prune_fn
     return (fn(v, call) if fn else "") or precision.score_precision_reason(v, call)
+
+
+# --- what an untuned call gets -------------------------------------------------------------------------------------
+
+def _least_points(fam: Family) -> list[Variant]:
+    return [Variant(fam.name, **{k: x for k, x in point.items() if k in fam.space}) for point in fam.least]
+
+
+def fits_nowhere_reason(family: str, call: "Call") -> str:
+    """Why no point of ``family``'s space can fit ``call`` on its device ('' = some may): its own rule prunes each of
+    its least demanding points (``Family.least``), hence every point."""
+    fam = FAMILIES[family]
+    points = _least_points(fam)
+    if not points or fam.prune_fn is None:
+        return ""
+    reasons = [fam.prune_fn(v, call) for v in points]
+    return "" if not all(reasons) else "no point of its space fits: " + "; ".join(dict.fromkeys(reasons))
+
+
+def _nearest_kept(fam: Family, base: Variant, call: "Call") -> Variant | None:
+    """The kept point of ``fam``'s space nearest to ``base``: fewest parameters changed, then fewest steps along
+    their choices (64 -> 32 keys is one step, 64 -> 16 two), then the least shared memory, then the earliest choices
+    of the space. The points are visited ring by ring (one parameter changed, then two...) and, within a ring, step
+    count by step count, so the search stops at the first ring that holds a kept point."""
+    keys = [k for k, choices in fam.space.items() if len(choices) > 1]
+    home = {k: fam.space[k].index(base.params[k]) for k in keys}
+
+    def order(v: Variant) -> tuple:
+        smem = fam.footprint_fn(v, call).shared_memory if fam.footprint_fn else 0
+        return smem, tuple(fam.space[k].index(v.params[k]) for k in fam.space)
+
+    for n in range(1, len(keys) + 1):
+        ring: dict[int, list[dict]] = {}
+        for changed in itertools.combinations(keys, n):
+            alternatives = [[c for c in fam.space[k] if c != base.params[k]] for k in changed]
+            for values in itertools.product(*alternatives):
+                steps = sum(abs(fam.space[k].index(x) - home[k]) for k, x in zip(changed, values))
+                ring.setdefault(steps, []).append(dict(zip(changed, values)))
+        for steps in sorted(ring):
+            kept = [v for v in (base._moved(change) for change in ring[steps]) if not prune_reason(v, call)]
+            if kept:
+                return min(kept, key=order)
+    return None
+
+
+def default_for(family: str, call: "Call") -> Variant | None:
+    """The variant of ``family`` that serves an untuned call: its defaults where the pruning keeps them, else the
+    first of its seeds (``seed_variants``) that is kept, else the kept point of its space nearest to the defaults
+    (``_nearest_kept``), else None: no point fits (``fits_nowhere_reason`` says so without a search where the
+    family declares its least demanding points).
+
+    Once a plan (the dispatcher caches plans per bucket). On this project's CPU the worst case of the test grid
+    (tests/test_resources.py) takes a few milliseconds: a search that goes two or three rings out visits a few
+    hundred points at ~15 us each, and a family that fits nowhere is known from its few least points."""
+    fam = FAMILIES[family]
+    if fits_nowhere_reason(family, call):
+        return None
+    base = Variant(family)
+    if not prune_reason(base, call):
+        return base
+    for v in seed_variants(family, call)[1:]:
+        if not prune_reason(v, call):
+            return v
+    return _nearest_kept(fam, base, call)
+
+
+def default_verdicts(call: "Call", families: list[str]):
+    """For each of ``families`` in turn: (family, its fitting default or None, why an untuned call does not get it:
+    '' where it does), as :func:`default_variant` decides; a generator, so a caller may stop at the first ''."""
+    for name in families:
+        v = default_for(name, call)
+        if v is None:
+            yield name, None, fits_nowhere_reason(name, call) or "no point of its space fits"
+            continue
+        fp = v.spec.footprint_fn(v, call) if v.spec.footprint_fn else None
+        yield name, v, resources.far_behind_math_reason(v, call, fp)
+
+
+def default_variant(call: "Call", families: list[str]) -> Variant | None:
+    """Which variant an untuned call gets among ``families`` (those that support it, in the dispatcher's order of
+    preference): the first family's fitting default (:func:`default_for`) that is not expected to run far behind
+    native's math path, the path such a call would otherwise take; None where no family has one.
+
+    No pathological plan. Native's math path runs two BLAS GEMMs (in fp32: it upcasts fp16/bf16 first) and the
+    softmax between them, and the PyTorch tiers run the same GEMMs a block of query rows at a time: they are never
+    far behind it. A Triton family's fitting default is (``resources.far_behind_math_reason``):
+
+    - skipped where its dots have no matrix units on the device (``DeviceProfile.mma_dtypes``): fp32 input on any
+      NVIDIA GPU (our kernels ask for IEEE fp32, which tensor cores do not do), any dtype below sm_80 (Triton >= 3.2
+      lowers dots to FMAs there) and on gfx906 or RDNA 2, bf16 where only fp16 has them. Such a dot runs on FMAs with
+      both operands in registers at a fraction of the rate math's GEMMs reach on the same pipes: the fp32 tiles
+      compiled for sm_90 spill by the thousand at every head dim (the 40 s D=512 call on an H200), a tier does not;
+    - skipped where its estimated registers spill (``resources.Footprint.spills``: the ``triton`` family's whole tile
+      of scores, P and accumulator, plus the operands a non-wgmma dot holds; split-D at D=1024 with 64-row tiles
+      over 8 warps spills, its 32-row tiles do not), so a spilling default is never served while a later family
+      (the stored-score kernels, the tiers) has one that does not spill;
+    - never a tile larger than the call: the pruning caps BLOCK_M at the query rows' power of two (16 for a decode
+      row), and a decode call is bound by its one read of K and V, which a Triton program makes once as math's GEMV
+      does; the fixed 128-row programs of the Gluon families waste MMAs there, not bandwidth.
+
+    Where in doubt the rule errs toward a later family: the stored-score families (the scores from the BLAS GEMM)
+    and then the tiers, whose GEMMs are math's own."""
+    for _name, v, why in default_verdicts(call, families):
+        if v is not None and not why:
+            return v
+    return None

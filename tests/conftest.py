@@ -46,13 +46,37 @@ def _isolated_dirs(tmp_path_factory):
     yield
 
 
+class RuntimeEnv:
+    """pytest's monkeypatch, whose setenv/delenv take effect at once: the runtime reads NOFLASH_TUNE_* at import and
+    at noflash_tune.clear_cache() (not on every call), so each change is followed by a clear_cache()."""
+
+    def __init__(self, mp):
+        self._mp = mp
+
+    def setenv(self, *args, **kwargs):
+        import noflash_tune
+
+        self._mp.setenv(*args, **kwargs)
+        noflash_tune.clear_cache()
+
+    def delenv(self, *args, **kwargs):
+        import noflash_tune
+
+        self._mp.delenv(*args, **kwargs)
+        noflash_tune.clear_cache()
+
+    def __getattr__(self, name):
+        return getattr(self._mp, name)
+
+
 @pytest.fixture
 def clean_runtime(monkeypatch):
     """Fresh dispatcher state; env vars set by the test are undone after it."""
     import noflash_tune
 
     noflash_tune.clear_cache()
-    yield monkeypatch
+    yield RuntimeEnv(monkeypatch)
+    monkeypatch.undo()
     noflash_tune.clear_cache()
 
 

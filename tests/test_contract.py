@@ -455,7 +455,7 @@ def test_chunked_dropout_gradients_under_the_2x_rule(dtype, causal):
     block (BLOCK_M rows of each kv head's G stacked query heads, keys [0, min(S, i1)) under causal)."""
     from noflash_tune.codegen import Specialization, load
     from noflash_tune.measure import rounding_floor
-    from noflash_tune.runtime.autograd import draw_seed
+    from noflash_tune.runtime.kernels import draw_seed
 
     gen = torch.Generator().manual_seed(9)
     B, Hkv, G, L, S, E, Ev, p, bm = 2, 2, 3, 77, 93, 40, 24, 0.3, 32
@@ -468,7 +468,7 @@ def test_chunked_dropout_gradients_under_the_2x_rule(dtype, causal):
     variant = Variant("torch_chunked", block_m=bm, accumulation="fp32")
     mod = load(variant, Specialization(causal=causal, mask="none" if causal else "float", gqa=True, dropout=True))
     torch.manual_seed(21)
-    seed = draw_seed(p)
+    seed = draw_seed(variant, "cpu", p)
     keep = torch.ones(B, H, L, S, dtype=torch.bool)
     for i0 in range(0, L, bm):
         i1 = min(i0 + bm, L)

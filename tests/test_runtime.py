@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import noflash_tune
 from noflash_tune import Variant, configs, device, paths
-from noflash_tune.runtime import dispatch, fallback, patch
+from noflash_tune.runtime import dispatch, fallback, patch, plans
 from noflash_tune.runtime.native import original_sdpa
 from noflash_tune.shapes import Shape
 
@@ -50,9 +50,9 @@ def spy_variants(mp) -> list:
     ran = []
     real = fallback.run_variant
 
-    def spy(variant, call):
+    def spy(variant, call, *fallbacks):
         ran.append(variant)
-        return real(variant, call)
+        return real(variant, call, *fallbacks)
 
     mp.setattr(fallback, "run_variant", spy)
     return ran
@@ -175,7 +175,7 @@ def test_native_serves_where_it_measured_faster(rt, tmp_path):
 
     ran = spy_variants(rt)
     out = F.scaled_dot_product_attention(q, k, v)
-    assert ran == [Variant("native:flash")]
+    assert ran == []  # native is called directly, with the user's own arguments: no chain of ours
     assert torch.equal(out, original_sdpa(q, k, v))
 
 
@@ -183,7 +183,7 @@ def test_native_serves_where_it_measured_faster(rt, tmp_path):
 def test_a_tuned_win_within_the_tie_margin_leaves_the_call_to_native(rt, tmp_path, ours_ms, served_by_us):
     """Ours serves only where it measured more than NATIVE_TIE (2%) faster than native: a 1% win is a tie under
     the machine's run-to-run spread, and native keeps the call."""
-    from noflash_tune.runtime.dispatch import NATIVE_TIE
+    from noflash_tune.runtime.plans import NATIVE_TIE
 
     assert NATIVE_TIE == 0.02
     record_configs(rt, tmp_path, tuned_entry(ours_ms=ours_ms, native_ms=1.0))
@@ -225,10 +225,10 @@ def test_the_preferred_native_backend_is_voted_by_the_buckets_nearest_in_head_di
     d64 = Shape(B=1, H=4, L=1024, E=64, dtype="bf16", causal=True).bucket()
     d96 = Shape(B=1, H=4, L=1024, E=96, dtype="bf16").bucket()
     d512 = Shape(B=1, H=4, L=1024, E=512, dtype="bf16").bucket()
-    assert dispatch._preferred_native(Recorded, usable, d64) == ("cudnn", 1)
-    assert dispatch._preferred_native(Recorded, usable, d96) == ("cudnn", 1)  # log2 distance: 64 is nearer
-    assert dispatch._preferred_native(Recorded, usable, d512) == ("efficient", 3)
-    assert dispatch._preferred_native(Recorded, ["flash", "efficient"], d64) == ("efficient", 3)
+    assert plans._preferred_native(Recorded, usable, d64) == ("cudnn", 1)
+    assert plans._preferred_native(Recorded, usable, d96) == ("cudnn", 1)  # log2 distance: 64 is nearer
+    assert plans._preferred_native(Recorded, usable, d512) == ("efficient", 3)
+    assert plans._preferred_native(Recorded, ["flash", "efficient"], d64) == ("efficient", 3)
 
 
 def test_a_native_time_measured_on_a_backend_this_call_cannot_use_is_ignored(rt, tmp_path):
@@ -377,11 +377,11 @@ def test_real_oom_walks_the_chain_halved_blocks_then_tiers_in_order(rt):
     tried = []
     real = fallback.run_variant
 
-    def oom_until_inplace(variant, call):
+    def oom_until_inplace(variant, call, *fallbacks):
         tried.append(variant)
         if variant.family != "torch_inplace":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real(variant, call)
+        return real(variant, call, *fallbacks)
 
     rt.setattr(fallback, "run_variant", oom_until_inplace)
     out = F.scaled_dot_product_attention(q, k, v)
@@ -409,27 +409,100 @@ def test_the_oom_chain_first_drops_a_kept_p_then_halves_blocks():
     assert fallback.workspace_bytes(chain[0], call) > fallback.workspace_bytes(chain[1], call)
 
 
-def test_a_non_oom_error_is_raised_not_swallowed_by_the_chain(rt):
-    rt.setenv("NOFLASH_TUNE_FORCE", "1")
+def test_a_failing_variant_falls_to_the_next_and_is_remembered_and_logged_once(rt, tmp_path, caplog):
+    """A compile or launch error of one of ours (here: a resource error raised by the first tier) falls to the next
+    variant of the chain, which gives the right answer; the (variant, bucket) pair is logged once and not tried
+    again on the next calls of that bucket, while another bucket still tries it."""
+    record_configs(rt, tmp_path, tuned_entry(L=128, winner=Variant("torch_chunked", block_m=64)))
+    from noflash_tune.runtime import kernels
+
+    real = kernels.forward
+    launched = []
+
+    def out_of_resources(variant, call, keep, seed=None):
+        launched.append(variant.family)
+        if variant.family == "torch_chunked":
+            raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+        return real(variant, call, keep, seed)
+
+    rt.setattr(kernels, "forward", out_of_resources)
     q, k, v = qkv(L=128)
+    with caplog.at_level("WARNING", logger="noflash_tune"):
+        for _ in range(3):
+            out = F.scaled_dot_product_attention(q, k, v)
+            torch.testing.assert_close(out, native_math(q, k, v), atol=1e-5, rtol=1e-5)
+    assert launched.count("torch_chunked") == 2  # block_m=64, then its halving 32: once each, on the first call
+    assert launched.count("torch_online") == 3  # the next tier served every call
+    warned = [r for r in caplog.records if "failed on" in r.getMessage()]
+    assert len(warned) == 2 and "out of resource" in warned[0].getMessage()
+    chunked = 2
+    remembered = noflash_tune.runtime.failures.remembered()
+    assert all(v.family == "torch_chunked" and "q128/k128" in b for v, b in remembered)
+    q2, k2, v2 = qkv(L=300)  # another bucket: tried there
+    F.scaled_dot_product_attention(q2, k2, v2)
+    assert launched.count("torch_chunked") > chunked
+
+
+def test_an_error_that_leaves_the_device_unusable_is_raised_not_fallen_back_from(rt):
+    rt.setenv("NOFLASH_TUNE_FORCE", "1")
+    from noflash_tune.runtime import kernels
+
     tried = []
 
-    def broken(variant, call):
+    def faulted(variant, call, keep, seed=None):
         tried.append(variant)
-        raise ValueError("a genuine bug")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    rt.setattr(fallback, "run_variant", broken)
-    with pytest.raises(ValueError, match="a genuine bug"):
+    rt.setattr(kernels, "forward", faulted)
+    q, k, v = qkv(L=128)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
         F.scaled_dot_product_attention(q, k, v)
     assert len(tried) == 1
+
+
+def test_when_no_variant_of_ours_can_run_native_serves(rt):
+    rt.setenv("NOFLASH_TUNE_FORCE", "1")
+    from noflash_tune.runtime import kernels
+
+    def broken(variant, call, keep, seed=None):
+        raise NotImplementedError("a kernel this device cannot compile")
+
+    rt.setattr(kernels, "forward", broken)
+    q, k, v = qkv(L=128)
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v), original_sdpa(q, k, v))
+
+
+def test_a_failing_backward_recomputes_with_the_next_variant(rt):
+    """The forward ran; its backward fails (as a backward kernel that does not fit the device would): the next
+    variant recomputes forward and backward, and the gradients are right."""
+    rt.setenv("NOFLASH_TUNE_FORCE", "1")
+    from noflash_tune.runtime import kernels
+
+    real = kernels.backward
+    backs = []
+
+    def failing_first(saved, call, out, dout, mask_grad):
+        backs.append(saved.variant.family)
+        if len(backs) == 1:
+            raise RuntimeError("out of resource: shared memory (simulated, backward)")
+        return real(saved, call, out, dout, mask_grad)
+
+    rt.setattr(kernels, "backward", failing_first)
+    q, k, v = qkv(L=128, grad=True)
+    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    native_math(qr, kr, vr, is_causal=True).sum().backward()
+    for ours, ref in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert len(backs) == 2
 
 
 # --- the decision cache -------------------------------------------------------------------------------------
 
 def test_second_call_in_the_same_bucket_reuses_the_plan(rt):
     builds = []
-    real = dispatch.build_plan
-    rt.setattr(dispatch, "build_plan", lambda call: builds.append(call.L) or real(call))
+    real = plans.build_plan
+    rt.setattr(plans, "build_plan", lambda call: builds.append(call.L) or real(call))
     q, k, v = qkv(L=100)
     F.scaled_dot_product_attention(q, k, v)
     F.scaled_dot_product_attention(q, k, v)

@@ -27,10 +27,22 @@ triton = pytest.importorskip("triton")
 from noflash_tune.codegen import Specialization, load  # noqa: E402
 from noflash_tune.contract import normalize  # noqa: E402
 from noflash_tune.measure import math_attention  # noqa: E402
-from noflash_tune.runtime.triton_op import params_key, triton_attention, triton_inference_attention  # noqa: E402
+from noflash_tune.runtime.fallback import run_variant  # noqa: E402
+from noflash_tune.runtime.ops import chain_json  # noqa: E402
 from noflash_tune.variants import FAMILIES, Variant  # noqa: E402
 
 DEV = "cpu" if INTERPRET else "cuda"
+
+
+def triton_attention(call, variant, causal_bottom_right=False):
+    """Exactly ``variant`` on a normalised call (the runtime's own path, no fallback): (B, H, L, Ev), connected
+    to autograd where the call needs grad; causal aligned to the last key where asked (the kernels' other
+    specialisation, which SDPA's contract never asks for)."""
+    call.bottom_right = causal_bottom_right
+    return run_variant(variant, call)
+
+
+triton_inference_attention = triton_attention  # the inference-only families run the same way, without grad
 
 
 def _interpreter_numpy_shim():
@@ -237,6 +249,69 @@ def test_triton_chunked_matches_the_rule(case):
         assert out[1].abs().max().item() == 0
     if case == "float-mask-2d":
         assert out[:, :, 5].abs().max().item() == 0
+
+
+def _chunked_runner(variant):
+    def run(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+        call = normalize(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return triton_inference_attention(call, variant).reshape(call.out_shape)
+    return run
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+@pytest.mark.parametrize("case", ["causal-gqa-2-blocks", "bool-mask"])
+def test_triton_chunked_keeps_fp32_scores_within_2x_of_native(case, scale):
+    """scores="fp32" (the default): fp16 inputs' scores stored in fp32 (from fp32 copies of q and K here, exact
+    products as the GPU's fp32-output GEMM makes them), read by the P @ V kernel: within 2x of native SDPA's own
+    error (this device's, which keeps fp32 scores). scores="input" (half scores) misses that at scale 2. fp16: the
+    interpreter has no bf16. Causal with two query blocks and GQA rows stacked; a bool mask with a dead row."""
+    from noflash_tune.measure import check_accuracy
+
+    g = torch.Generator().manual_seed(21)
+    L, S, E = (300, 130, 32) if case == "causal-gqa-2-blocks" else (70, 90, 64)
+    q, k, v = (torch.randn(1, h, n, E, generator=g).to(DEV, torch.float16) for h, n in ((4, L), (2, S), (2, S)))
+    kw = dict(causal=True, enable_gqa=True) if case == "causal-gqa-2-blocks" else dict(enable_gqa=True)
+    mask = None
+    if case == "bool-mask":
+        mask = (torch.rand(L, S, generator=g) > 0.3).to(DEV)
+        mask[9] = False
+    ours = Variant("triton_chunked", **CHUNKED_TILE)
+    assert ours.params["scores"] == "fp32"
+    acc = check_accuracy(_chunked_runner(ours), q, k, v, mask, scale=scale, **kw)
+    assert acc.ok and acc.baseline.startswith("native SDPA"), str(acc)
+    if scale == 2.0:
+        half = check_accuracy(_chunked_runner(ours.replace(scores="input")), q, k, v, mask, scale=scale, **kw)
+        assert not half.ok, f"half-precision scores within 2x of native: {half.rows}"
+
+
+def test_triton_chunked_score_blocks_are_fp32_from_either_gemm(monkeypatch):
+    """The stored score block of fp16/bf16 inputs is fp32 with scores="fp32" (in the input dtype with "input"), the
+    scale applied in fp32 to exact products: through fp32 copies of q and K where the device has no fp32-output half
+    GEMM (a CPU), and through that GEMM where it has (tests/wide_gemm.py's stand-in: the buffer's padded rows, the
+    scale on alpha), the same values."""
+    from wide_gemm import widen
+
+    g = torch.Generator().manual_seed(22)
+    B, Hkv, G, L, S, E = 1, 2, 2, 40, 37, 32
+    q = torch.randn(B, Hkv * G, L, E, generator=g).to(torch.bfloat16)
+    k = torch.randn(B, Hkv, S, E, generator=g).to(torch.bfloat16)
+    spec = Specialization(causal=True, gqa=True)
+    want = (q.float() @ k.float().repeat_interleave(G, 1).transpose(-1, -2)) * 0.3
+    for scores in ("fp32", "input"):
+        mod = load(Variant("triton_chunked", block_m=256, scores=scores), spec)
+        assert mod.score_dtype(torch.bfloat16) == (torch.float32 if scores == "fp32" else torch.bfloat16)
+        assert mod.score_dtype(torch.float32) == torch.float32
+        paths = [False, True] if scores == "fp32" else [False]
+        for wide in paths:
+            with monkeypatch.context() as mp:
+                if wide:
+                    widen(mp, mod)
+                (i0, rows, s3), = list(mod.score_blocks(q, k, 0.3))
+            assert s3.dtype == mod.score_dtype(q.dtype) and s3.shape == (B * Hkv, G * L, S)
+            assert s3.stride(1) == -(-S // 8) * 8  # rows padded to 16 bytes
+            got = s3.view(B, Hkv, G, L, S).flatten(1, 2).float()
+            tol = dict(rtol=1e-6, atol=1e-6) if scores == "fp32" else dict(rtol=1e-2, atol=1e-2)
+            assert torch.allclose(got, want, **tol), (scores, wide, (got - want).abs().max())
 
 
 @pytest.mark.parametrize("tma", [1, 2])
@@ -464,12 +539,11 @@ def test_dropout_p_one_gives_zeros():
 
 
 def test_custom_op_compiles_without_graph_break():
-    """torch.compile(fullgraph=True) through the custom ops (fake tensors + registered autograd)."""
-    v = Variant("triton", BLOCK_M=16, BLOCK_N=16)
-    key = params_key(v)
+    """torch.compile(fullgraph=True) through our custom op (fake tensors + registered autograd)."""
+    key = chain_json([Variant("triton", BLOCK_M=16, BLOCK_N=16)])
 
     def f(q, k, v_):
-        out, _ = torch.ops.noflash_tune.triton_fwd(q, k, v_, None, 0.25, True, False, key, True)
+        out, _, _ = torch.ops.noflash_tune.attention(q, k, v_, None, 0.25, True, 0.0, None, key, True)
         return out.float().sum()
 
     g = torch.Generator().manual_seed(8)
@@ -488,11 +562,11 @@ def test_custom_op_compiles_without_graph_break():
 def test_dropout_seed_is_drawn_inside_a_compiled_graph_without_a_break():
     """The seed is a device tensor drawn by torch.randint, so torch.compile(fullgraph=True) traces the draw and the
     op together (a host int would need .item(): a graph break), with eager's result under the same manual_seed."""
-    key = params_key(Variant("triton", BLOCK_M=16, BLOCK_N=16))
+    key = chain_json([Variant("triton", BLOCK_M=16, BLOCK_N=16)])
 
     def f(q, k, v_):
         seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=q.device)
-        out, _ = torch.ops.noflash_tune.triton_fwd(q, k, v_, None, 0.25, True, False, key, True, 0.3, seed)
+        out, _, _ = torch.ops.noflash_tune.attention(q, k, v_, None, 0.25, True, 0.3, seed, key, True)
         return out.float().sum()
 
     g = torch.Generator().manual_seed(11)
@@ -516,13 +590,12 @@ def test_dropout_seed_is_drawn_inside_a_compiled_graph_without_a_break():
 def test_opcheck():
     if not hasattr(torch.library, "opcheck"):
         pytest.skip("torch.library.opcheck needs torch >= 2.4")
-    key = params_key(Variant("triton", BLOCK_M=16, BLOCK_N=16))
+    key = chain_json([Variant("triton", BLOCK_M=16, BLOCK_N=16)])
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(1, 2, 9, 16, generator=g).to(DEV).requires_grad_() for _ in range(3))
     m = (torch.rand(1, 1, 1, 9, generator=g) > 0.2).to(DEV).expand(1, 2, 9, 9)
-    for extra in ((), (0.3, torch.tensor([12345678901], device=DEV))):  # without and with dropout (p, seed)
-        torch.library.opcheck(torch.ops.noflash_tune.triton_fwd.default,
-                              (q, k, v, m, 0.25, False, False, key, True, *extra),
+    for p, seed in ((0.0, None), (0.3, torch.tensor([12345678901], device=DEV))):  # without and with dropout
+        torch.library.opcheck(torch.ops.noflash_tune.attention.default, (q, k, v, m, 0.25, False, p, seed, key, True),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -559,22 +632,22 @@ def test_the_gluon_families_say_why_they_cannot_serve_a_call(family, E):
 
 
 def test_triton_chunked_op_compiles_without_graph_break_and_passes_opcheck():
-    """The inference family's custom op: torch.compile(fullgraph=True) keeps it one node (its fake kernel gives
-    the shapes) with eager's answer; opcheck validates its schema and fake implementation, masked and causal."""
-    key = params_key(Variant("triton_chunked", **CHUNKED_TILE), "triton_chunked")
+    """An inference family through the custom op: torch.compile(fullgraph=True) keeps it one node (its fake kernel
+    gives the shapes) with eager's answer; opcheck validates its schema and fake implementation, masked and causal."""
+    key = chain_json([Variant("triton_chunked", **CHUNKED_TILE)])
     g = torch.Generator().manual_seed(12)
     q, k, v = (torch.randn(1, 2, 19, 16, generator=g).to(DEV) for _ in range(3))
     m = (torch.rand(1, 1, 1, 19, generator=g) > 0.2).to(DEV).expand(1, 2, 19, 19)
 
     def f(q, k, v_):
-        return torch.ops.noflash_tune.triton_infer_fwd(q, k, v_, None, 0.25, True, False, "triton_chunked", key).float().sum()
+        return torch.ops.noflash_tune.attention(q, k, v_, None, 0.25, True, 0.0, None, key, False)[0].float().sum()
 
     torch._dynamo.reset()
     assert torch.equal(torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v), f(q, k, v))
     if hasattr(torch.library, "opcheck"):
         for mask, causal in ((None, True), (m, False)):
-            torch.library.opcheck(torch.ops.noflash_tune.triton_infer_fwd.default,
-                                  (q, k, v, mask, 0.25, causal, False, "triton_chunked", key),
+            torch.library.opcheck(torch.ops.noflash_tune.attention.default,
+                                  (q, k, v, mask, 0.25, causal, 0.0, None, key, False),
                                   test_utils=("test_schema", "test_faketensor"))
 
 
@@ -605,20 +678,25 @@ _GPU_CASES = [
     ("triton", 1, 2, 2, 2048, 2048, 1024, False, "float", True, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=128,
                                                                       num_warps=4, num_stages=1)),
     # triton_chunked (inference): the seeds' tiles, ragged blocks, GQA, masks
-    ("triton_chunked", 2, 8, 8, 4096, 4096, 512, False, None, False, dict(BLOCK_D=512, num_warps=8, num_stages=3)),
+    ("triton_chunked", 2, 8, 8, 4096, 4096, 512, False, None, False, dict(BLOCK_D=512, num_warps=8, num_stages=2)),
     ("triton_chunked", 1, 8, 2, 3001, 3001, 512, True, None, False, dict(block_m=1024, BLOCK_N=32, num_warps=8,
                                                                          num_stages=3)),
-    ("triton_chunked", 2, 4, 4, 2500, 4096, 1024, True, None, False, dict(BLOCK_D=512, num_warps=8, num_stages=3)),
+    ("triton_chunked", 2, 4, 4, 2500, 4096, 1024, True, None, False, dict(BLOCK_D=512, num_warps=8, num_stages=2)),
     ("triton_chunked", 2, 4, 4, 3000, 3000, 512, False, "pad", False, dict(block_m=4096, BLOCK_D=512, num_warps=8,
-                                                                           num_stages=3)),
+                                                                           num_stages=2)),
     ("triton_chunked", 1, 4, 4, 2048, 2048, 768, False, "float", False, dict(BLOCK_M=128, BLOCK_D=256, num_warps=8,
                                                                              num_stages=3)),
     # triton_chunked_ws (inference, Hopper): its seeds, ragged rows and keys (3001: rows padded in the score
     # buffer), GQA stacked, causal with Nq != Nk, masks, fewer rows than a consumer's 64, both column tiles
-    ("triton_chunked_ws", 2, 8, 8, 4096, 4096, 512, False, None, False, dict(block_m=2048, num_stages=4)),
-    ("triton_chunked_ws", 1, 8, 2, 3001, 3001, 512, True, None, False, dict(block_m=1024, num_stages=4)),
-    ("triton_chunked_ws", 2, 4, 4, 2500, 4096, 1024, True, None, False, dict(BLOCK_N=128, BLOCK_D=128, num_stages=3)),
-    ("triton_chunked_ws", 2, 4, 4, 3000, 3000, 512, False, "pad", False, dict(block_m=4096, num_stages=4)),
+    ("triton_chunked_ws", 2, 8, 8, 4096, 4096, 512, False, None, False, dict(block_m=2048, num_stages=3)),
+    ("triton_chunked_ws", 1, 8, 2, 3001, 3001, 512, True, None, False, dict(block_m=1024, num_stages=3)),
+    ("triton_chunked_ws", 2, 4, 4, 2500, 4096, 1024, True, None, False, dict(BLOCK_N=128, BLOCK_D=128, num_stages=2)),
+    ("triton_chunked_ws", 2, 4, 4, 3000, 3000, 512, False, "pad", False, dict(block_m=4096, num_stages=3)),
+    # scores in the input dtype (where native has only its math path): the four-stage tile that measured best
+    ("triton_chunked_ws", 2, 8, 8, 4096, 4096, 512, False, None, False, dict(block_m=1024, num_stages=4,
+                                                                             scores="input")),
+    ("triton_chunked", 2, 8, 8, 4096, 4096, 512, False, None, False, dict(BLOCK_D=512, num_warps=8, num_stages=3,
+                                                                          scores="input")),
     ("triton_chunked_ws", 1, 4, 2, 2048, 2047, 768, False, "float", False, dict(block_m=512)),
     ("triton_chunked_ws", 1, 4, 4, 20, 33, 256, True, None, False, dict(num_stages=2)),
     # triton_ws (inference, Hopper): its seeds, GQA, ragged and Nq != Nk tails, every head dim, both schedules

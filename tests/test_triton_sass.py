@@ -136,8 +136,8 @@ def test_triton_ws_tiles_are_pruned_exactly_when_they_would_spill_or_pass_shared
     assert (reason == "") == runs, (rep, reason)
 
 
-@pytest.mark.parametrize("tile,causal,mask", [((1024, 128, 128, 3), True, ()),
-                                              ((1024, 64, 256, 4), False, ("--mask", "float", "--mask-rows"))], ids=str)
+@pytest.mark.parametrize("tile,causal,mask", [((1024, 128, 128, 2), True, ()),
+                                              ((1024, 64, 256, 3), False, ("--mask", "float", "--mask-rows"))], ids=str)
 def test_triton_chunked_ws_compiles_to_a_copy_warp_feeding_two_wgmma_warpgroups(tile, causal, mask):
     """The Gluon stored-score kernel at D=512 as Hopper runs it: warp-specialised (12 warps, no spills, with an
     (L, S) float mask too), its score and V tiles by bulk tensor copies, P @ V on warpgroup MMAs."""
@@ -161,3 +161,63 @@ def test_triton_chunked_ws_tiles_are_pruned_exactly_when_they_would_spill_or_pas
     call = Shape(B=1, H=2, L=1024, E=512).planning_call("cpu")
     reason = prune_reason(tile_variant("triton_chunked_ws", tile), call)
     assert (reason == "") == runs, (rep, reason)
+
+
+# --- fp32 score tiles (scores="fp32", the stored-score families' default) ----------------------------------------
+
+_COMPILE_WITH_PARAMS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import triton_sass as ts
+from noflash_tune.shapes import Shape
+from noflash_tune.variants import tile_variant
+family, tile, params, E, causal, mask = json.loads(sys.argv[2])
+shape = Shape(B=1, H=2, L=1024, E=E, dtype="bf16", causal=causal, mask=mask)
+for name, compiled, grid, options in ts.compile_variant(tile_variant(family, tile, **params), shape, 90,
+                                                        mask_rows=mask != "none"):
+    print(json.dumps({"kernel": name, **ts.report(compiled, options, ts.sass_of(compiled))}))
+"""
+
+
+def _compiled_with(family, tile, E=512, causal=False, mask="none", **params):
+    """bench/triton_sass.py's report of one tile with other params than the family's defaults (``scores``), compiled
+    for sm_90 in a process without TRITON_INTERPRET: the first kernel's (one per query block, all alike)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    arg = json.dumps([family, list(tile), params, E, causal, mask])
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_WITH_PARAMS, str(REPO / "bench"), arg], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reps = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"kernel"')]
+    assert reps, proc.stdout[-2000:]
+    return reps[0]
+
+
+@pytest.mark.parametrize("tile,causal,mask", [((1024, 64, 256, 3), True, "none"), ((512, 128, 128, 2), False, "float")],
+                         ids=str)
+def test_triton_chunked_ws_fp32_score_tiles_compile_to_bulk_copies_and_wgmma(tile, causal, mask):
+    """triton_chunked_ws with fp32 scores (its default): the score tiles arrive by bulk tensor copy as fp32 (an fp32
+    tensor map, NVMMA-swizzled), the consumers read them into registers, P (bf16) @ V on warpgroup MMAs: 12 warps,
+    warp-specialised, no spills, within Hopper's 227 KiB. Their shared memory is the input-dtype kernel's plus the
+    score tiles' second two bytes: num_stages x 2 x 64 x BLOCK_N x 2 bytes (what resources.py must count)."""
+    fp32 = _compiled_with("triton_chunked_ws", tile, causal=causal, mask=mask)
+    half = _compiled_with("triton_chunked_ws", tile, causal=causal, mask=mask, scores="input")
+    assert fp32["warp-specialised"] and fp32["warps"] == 12, fp32
+    assert fp32["UTMALDG"] > 0 and fp32["HGMMA"] > 0 and fp32["HMMA"] == 0 and fp32["LDGSTS.128"] == 0, fp32
+    assert fp32["local ld/st (spills)"] == 0 and fp32["shared KiB"] <= 227, fp32
+    _, bn, _, stages = tile
+    assert fp32["shared KiB"] - half["shared KiB"] == pytest.approx(stages * 2 * 64 * bn * 2 / 1024, abs=0.11)
+
+
+@pytest.mark.parametrize("tile", [(2048, 64, 64, 256, 4, 2), (1024, 64, 64, 512, 8, 3)])
+def test_triton_chunked_fp32_score_tiles_compile_and_their_shared_memory(tile):
+    """triton_chunked with fp32 scores: 16-byte asynchronous copies of the fp32 score tiles and V, warpgroup MMAs, no
+    spills; Triton's pipeline holds num_stages - 1 score tiles in flight (plus one in V's dtype for the dot), so the
+    shared memory is the input-dtype kernel's plus (num_stages - 1) x BLOCK_M x BLOCK_N x 2 bytes (what resources.py
+    must count: at (1024, 64, 64, 512, 8, 3) that is 232 KiB, past Hopper's 227, where bf16 scores took 216)."""
+    fp32 = _compiled_with("triton_chunked", tile)
+    half = _compiled_with("triton_chunked", tile, scores="input")
+    assert fp32["HGMMA"] > 0 and fp32["LDGSTS.128"] > 0 and fp32["LDG narrower"] == 0, fp32
+    assert fp32["local ld/st (spills)"] == 0, fp32
+    _, bm, bn, _, _, stages = tile
+    assert fp32["shared KiB"] - half["shared KiB"] == pytest.approx((stages - 1) * bm * bn * 2 / 1024, abs=0.11)

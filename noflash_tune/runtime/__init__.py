@@ -1,4 +1,4 @@
-"""The runtime: patch SDPA, choose a variant per call, fall back through the tiers on OOM."""
+"""The runtime: patch SDPA, route each call by its metadata (native, or a plan of ours), fall back on any failure."""
 from .dispatch import Plan, attention, clear_cache, explain, sdpa
 from .patch import disable, enable, is_enabled
 

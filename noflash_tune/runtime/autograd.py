@@ -1,35 +1,32 @@
-"""Autograd for the template tiers: backward recomputes P, from the log-sum-exp the forward saved where the
-module's ``BACKWARD_NEEDS_LSE`` says so (the online tier), else with the forward's own softmax (the chunked tier),
-or reads the P blocks the forward kept where ``KEEPS_P`` says so (the chunked tier with keep_p=1).
+"""Autograd for our variants in eager mode: one ``torch.autograd.Function`` for every family.
 
-One ``torch.autograd.Function`` serves every generated module that exposes ``forward``/``backward`` with the
-tiers' API (see ``templates/torch/_blocks.py.j2``). The dropout keep-mask is regenerated in backward from a seed
-drawn from PyTorch's default generator, so ``torch.manual_seed`` makes a call reproducible.
+The forward runs one variant (runtime/kernels.py) and keeps what its backward reads: the log-sum-exp (the Triton
+kernels, the online tier), nothing (the chunked tier recomputes P with the forward's own softmax), or under keep_p
+the forward's P blocks. The backward runs that variant's backward. If it fails (a backward kernel that does not fit
+the device, say) and the call has no dropout, the next variants of the chain recompute the call, forward and
+backward, and the failure is remembered like a forward's. Under ``torch.compile`` the custom ops of runtime/ops.py
+play this part.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch.autograd.function import once_differentiable
 
-
-def draw_seed(dropout_p: float) -> int:
-    """A seed for the dropout streams, taken from the default CPU generator (none is drawn when p == 0)."""
-    if dropout_p <= 0:
-        return 0
-    return int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64).item())
+from . import failures, kernels
 
 
-class TierAttention(torch.autograd.Function):
+class ChainAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fwd_mod, bwd_mod, scale, dropout_p, seed, q, k, v, mask):
-        keeps_p = getattr(fwd_mod, "KEEPS_P", False) and fwd_mod is bwd_mod
-        need_lse = keeps_p or getattr(bwd_mod, "BACKWARD_NEEDS_LSE", True)
-        out, lse = fwd_mod.forward(q, k, v, mask, scale, dropout_p, seed, need_lse)
-        # KEEPS_P: the forward returned its P blocks (internal buffers, never seen by the caller) for the backward
-        ctx.kept, lse = (lse, None) if keeps_p else (None, lse)
-        ctx.bwd_mod = bwd_mod
-        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
-        ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[8]
+    def forward(ctx, variant, fallbacks, call, q, k, v, mask):
+        out, saved = kernels.forward(variant, call, keep=True)
+        lse = saved.residual if isinstance(saved.residual, torch.Tensor) else None
+        if lse is not None:
+            saved.residual = None  # saved through autograd below, not held on ctx
+        ctx.saved, ctx.fallbacks = saved, fallbacks
+        ctx.call = replace(call, q=None, k=None, v=None, mask=None, original=None)
+        ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[6]
         ctx.save_for_backward(q, k, v, mask, out, lse)
         return out
 
@@ -37,21 +34,35 @@ class TierAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, mask, out, lse = ctx.saved_tensors
-        if ctx.kept is not None:
-            lse, ctx.kept = ctx.kept, None
-        dq, dk, dv, dmask = ctx.bwd_mod.backward(q, k, v, mask, out, lse, dout, ctx.scale, ctx.dropout_p, ctx.seed,
-                                                 ctx.mask_grad)
-        return None, None, None, None, None, dq, dk, dv, dmask
+        call = replace(ctx.call, q=q, k=k, v=v, mask=mask)
+        saved = ctx.saved
+        if lse is not None:
+            saved = replace(saved, residual=lse)
+        elif saved.residual is not None:  # kept P blocks: read once, then freed with the node's other state
+            ctx.saved = replace(saved, residual=None)
+        try:
+            dq, dk, dv, dmask = kernels.backward(saved, call, out, dout, ctx.mask_grad)
+        except Exception as exc:  # noqa: BLE001 - fall back as the forward would, where the call allows it
+            if failures.is_fatal(exc) or call.dropout_p > 0:
+                raise
+            if not failures.is_oom(exc):
+                failures.remember(saved.variant, call, exc)
+            dq, dk, dv, dmask = _recompute(ctx.fallbacks, call, dout, ctx.mask_grad, exc)
+        return None, None, None, dq, dk, dv, dmask
 
 
-def run_tier(fwd_mod, bwd_mod, call) -> torch.Tensor:
-    """Run one generated tier on a normalised call; returns (B, H, L, Ev)."""
-    seed = draw_seed(call.dropout_p)
-    if call.needs_grad:
-        if bwd_mod is None:
-            raise RuntimeError("this variant is inference only")
-        return TierAttention.apply(fwd_mod, bwd_mod, call.scale, call.dropout_p, seed, call.q, call.k, call.v,
-                                   call.mask)
-    with torch.no_grad():
-        out, _ = fwd_mod.forward(call.q, call.k, call.v, call.mask, call.scale, call.dropout_p, seed, False)
-    return out
+def _recompute(chain, call, dout, mask_grad, first_error):
+    """The backward of the first variant of ``chain`` that runs both ways on ``call`` (no dropout: any variant's
+    forward gives the same output to its own backward)."""
+    for w in chain:
+        if w.kind == "native" or not w.spec.autograd or failures.failure_of(w, call):
+            continue
+        try:
+            out, saved = kernels.forward(w, call, keep=True)
+            return kernels.backward(saved, call, out, dout, mask_grad)
+        except Exception as exc:  # noqa: BLE001
+            if failures.is_fatal(exc):
+                raise
+            if not failures.is_oom(exc):
+                failures.remember(w, call, exc)
+    raise first_error

@@ -1,4 +1,5 @@
-"""Native SDPA, captured before the patch, and a way to run it pinned to one backend."""
+"""Native SDPA: captured before the patch, called with the user's own arguments, steered to one backend, and given
+masks its fused kernels can read."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,10 @@ import torch
 import torch.nn.functional as F
 
 original_sdpa = F.scaled_dot_product_attention  # captured at import, before noflash_tune patches F
+
+BACKENDS = ("cudnn", "flash", "efficient", "math")
+_get_priority = getattr(torch._C, "_get_sdp_priority_order", None)
+_set_priority = getattr(torch._C, "_set_sdp_priority_order", None)
 
 
 def _backend_enum(name: str):
@@ -17,7 +22,8 @@ def _backend_enum(name: str):
 
 
 def pinned(backend: str | None):
-    """A context that restricts native SDPA to ``backend`` (None: native's own choice)."""
+    """A context that restricts native SDPA to ``backend`` (None: native's own choice). For measurements only: it
+    switches the other backends off process-wide, which a concurrent call in another thread would see."""
     if backend is None:
         return contextlib.nullcontext()
     from torch.nn.attention import sdpa_kernel
@@ -25,16 +31,100 @@ def pinned(backend: str | None):
     return sdpa_kernel([_backend_enum(backend)])
 
 
-def run_native(call, backend: str | None = None) -> torch.Tensor:
-    """Native SDPA on a normalised call's 4-D views; returns (B, H, L, Ev)."""
-    kwargs = dict(attn_mask=call.mask, dropout_p=call.dropout_p, is_causal=call.causal, scale=call.scale,
-                  **({"enable_gqa": True} if call.groups > 1 else {}))
-    if backend is None:
-        return original_sdpa(call.q, call.k, call.v, **kwargs)
+def native_choice(q, k, v, mask, dropout_p, causal, scale, enable_gqa) -> str | None:
+    """The backend native SDPA itself picks for these arguments (None where torch cannot say)."""
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if choose is None:
+        return None
     try:
-        with pinned(backend):
-            return original_sdpa(call.q, call.k, call.v, **kwargs)
-    except RuntimeError as exc:
-        if "No available kernel" not in str(exc):
-            raise
-    return original_sdpa(call.q, call.k, call.v, **kwargs)  # the pinned backend refused: native's own choice
+        kw = {"scale": scale, **({"enable_gqa": True} if enable_gqa else {})}
+        chosen = int(choose(q, k, v, mask, dropout_p, causal, **kw))
+    except Exception:  # noqa: BLE001 - an old torch's signature, or a call it refuses: no opinion
+        return None
+    for name in BACKENDS:
+        if int(_backend_enum(name)) == chosen:
+            return name
+    return None
+
+
+def preferring(backend: str):
+    """A function with SDPA's signature that runs native with ``backend`` first in its priority order, or None
+    where this torch has no priority order (or no such backend).
+
+    Unlike :func:`pinned` nothing is switched off: a call the backend refuses goes to native's next choice, and a
+    call in another thread that reads the order meanwhile gets another valid backend, never an error."""
+    if _get_priority is None or _set_priority is None:
+        return None
+    try:
+        want = int(_backend_enum(backend))
+    except (KeyError, ImportError):
+        return None
+    get, put, sdpa = _get_priority, _set_priority, original_sdpa
+
+    def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+        before = get()
+        if before[0] == want:
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+        put([want] + [b for b in before if b != want])
+        try:
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+        finally:
+            put(before)
+
+    return run
+
+
+# --- masks the fused kernels can read ---------------------------------------------------------------------------
+
+MASK_ROW_ALIGN = 16  # bytes: the fused CUDA kernels read a bias row with 16-byte vector loads
+
+
+def mask_needs_repair(mask, S: int) -> bool:
+    """Whether native's fused CUDA kernels would misread ``mask`` against ``S`` keys: a mask broadcast along the
+    keys (last dim 1, or stride 0), a last dim that is not contiguous, or rows that are not 16-byte aligned. On
+    torch 2.11 such masks fault the process (``CUDA error: misaligned address``) or raise ``(*bias): last
+    dimension must be contiguous``; the math path reads them fine."""
+    if mask is None or mask.device.type != "cuda" or mask.dim() == 0 or S <= 1:
+        return False
+    if mask.size(-1) != S or mask.stride(-1) != 1:
+        return True
+    elt = mask.element_size()
+    rows_aligned = mask.dim() < 2 or mask.size(-2) == 1 or (mask.stride(-2) * elt) % MASK_ROW_ALIGN == 0
+    return not rows_aligned or mask.data_ptr() % MASK_ROW_ALIGN != 0
+
+
+def readable_mask(mask, S: int):
+    """``mask`` laid out as the fused kernels read one: the key dim materialised (the other broadcast dims kept at
+    size 1), contiguous along it, each row starting on a 16-byte boundary. Same values, same broadcasting."""
+    shape = tuple(mask.shape[:-1]) + (S,)
+    pad = -(-S * mask.element_size() // MASK_ROW_ALIGN) * MASK_ROW_ALIGN // mask.element_size()
+    buf = torch.empty(shape[:-1] + (pad,), dtype=mask.dtype, device=mask.device)
+    out = buf.narrow(-1, 0, S)
+    out.copy_(mask.expand(shape))
+    return out
+
+
+def run_native(call, backend: str | None = None) -> torch.Tensor:
+    """Native SDPA on a call, with the user's own arguments where the call kept them (native then sees exactly
+    what it would have seen without noflash-tune: no expanded mask, no 4-D reshaping), else the call's 4-D views.
+    Returns the output in the user's shape when the user's arguments ran, else (B, H, L, Ev)."""
+    args = call.original
+    if args is None:
+        q, k, v, mask = call.q, call.k, call.v, call.mask
+        kwargs = dict(dropout_p=call.dropout_p, is_causal=call.causal, scale=call.scale,
+                      enable_gqa=call.groups > 1)
+    else:
+        q, k, v, mask, p, causal, scale, gqa = args
+        kwargs = dict(dropout_p=p, is_causal=causal, scale=scale, enable_gqa=gqa)
+    if mask_needs_repair(mask, k.size(-2)):
+        mask = readable_mask(mask, k.size(-2))
+    if backend is not None and backend != "math":
+        prefer = preferring(backend)
+        if prefer is not None:
+            return prefer(q, k, v, attn_mask=mask, **kwargs)
+    if backend == "math":
+        with pinned("math"):
+            return original_sdpa(q, k, v, attn_mask=mask, **kwargs)
+    return original_sdpa(q, k, v, attn_mask=mask, **kwargs)

@@ -13,12 +13,12 @@ def status_line() -> str:
 
         import noflash_tune
         from noflash_tune import device
-        from noflash_tune.runtime import dispatch
+        from noflash_tune.runtime import plans
     except Exception as exc:  # noqa: BLE001 - a node must never break ComfyUI's start-up
         return f"[noflash-tune] not active: {type(exc).__name__}: {exc}"
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     key = device.device_key(dev)
-    cs = dispatch.configs_for(dev)
+    cs = plans.configs_for(dev)
     n = len(cs.entries) if cs is not None else 0
     state = "patched" if noflash_tune.is_enabled() else "loaded, not patched (NOFLASH_TUNE_DISABLE?)"
     return (f"[noflash-tune {noflash_tune.__version__}] {state} scaled_dot_product_attention on {key} "

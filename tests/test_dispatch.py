@@ -1,0 +1,195 @@
+"""The patched call's route (noflash_tune/runtime/dispatch.py): what a call costs once its route is known (no
+device probe, config load or validation per call; native handed the user's own arguments), many threads at once,
+the log (each decision once), and native's fused kernels given masks they can read."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import noflash_tune
+from noflash_tune import configs, contract, device, paths
+from noflash_tune.runtime import dispatch, native, plans
+from noflash_tune.runtime.native import original_sdpa
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def rt(clean_runtime, tmp_path):
+    mp = clean_runtime
+    empty = tmp_path / "shipped"
+    empty.mkdir()
+    mp.setattr(paths, "shipped_configs_dir", lambda: empty)
+    mp.setenv("NOFLASH_TUNE_USER_DIR", str(tmp_path / "user"))
+    mp.delenv("NOFLASH_TUNE_CONFIGS", raising=False)
+    mp.delenv("NOFLASH_TUNE_FORCE", raising=False)
+    noflash_tune.enable()
+    yield mp
+    noflash_tune.enable()
+
+
+def rnd(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def math(*args, **kwargs):
+    with sdpa_kernel([SDPBackend.MATH]):
+        return original_sdpa(*args, **kwargs)
+
+
+PROBES = [(device, "native_fused_backends"), (device, "native_backend_reasons"), (device, "triton_available"),
+          (device, "triton_version"), (device, "device_key"), (configs, "load_for_device"), (plans, "build_plan"),
+          (native, "native_choice")]
+
+
+def count_probes(mp) -> dict:
+    """Count every call to the device probes, the config loader and the planner (the real ones still run)."""
+    counts = {}
+    for mod, name in PROBES:
+        real = getattr(mod, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _real(*a, **k)
+        mp.setattr(mod, name, counted)
+    return counts
+
+
+def test_a_known_route_probes_nothing_and_validates_nothing_per_call(rt):
+    """Device facts, library probes, config loading and planning happen on a route's first call only; a
+    pass-through call after that does not even validate (native validates for itself)."""
+    small = (rnd(1, 8, 1, 64), rnd(1, 8, 64, 64, seed=1), rnd(1, 8, 64, 64, seed=2))  # a decode: native serves
+    large = (rnd(1, 4, 2048, 32), rnd(1, 4, 2048, 32, seed=1), rnd(1, 4, 2048, 16, seed=2))  # Ev != E: ours
+    assert noflash_tune.explain(*small).serves_native and not noflash_tune.explain(*large).serves_native
+    F.scaled_dot_product_attention(*small)
+    F.scaled_dot_product_attention(*large)
+    counts = count_probes(rt)
+    normalized = []
+    real_normalize = contract.normalize
+    rt.setattr(contract, "normalize", lambda *a, **k: normalized.append(1) or real_normalize(*a, **k))
+    for _ in range(50):
+        out = F.scaled_dot_product_attention(*small)
+    assert torch.equal(out, original_sdpa(*small))
+    assert counts == {} and normalized == []
+    for _ in range(3):
+        out = F.scaled_dot_product_attention(*large)
+    torch.testing.assert_close(out, math(*large), atol=1e-5, rtol=1e-5)
+    assert counts == {}  # ours validates (the contract's own checks) but probes nothing
+    assert len(normalized) == 3
+
+
+def test_each_length_in_a_bucket_reuses_the_plan_and_lengths_only_add_routes(rt):
+    counts = count_probes(rt)
+    k, v = rnd(1, 8, 4096, 64, seed=1), rnd(1, 8, 4096, 64, seed=2)
+    for s in range(2049, 2060):  # a decode whose cache grows: one bucket (4096)
+        q = rnd(1, 8, 1, 64)
+        out = F.scaled_dot_product_attention(q, k[:, :, :s], v[:, :, :s])
+        assert torch.equal(out, original_sdpa(q, k[:, :, :s], v[:, :, :s]))
+    assert counts.get("build_plan") == 1
+
+
+def test_pass_through_hands_native_the_users_own_arguments(rt):
+    """Native sees exactly what it would see without the patch: the same tensor objects (a key-padding mask is
+    not expanded to (B, H, L, S), which native's bool-to-float conversion would then materialise)."""
+    seen = []
+    real = dispatch.original_sdpa
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((q, k, v, attn_mask, kw))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    rt.setattr(dispatch, "original_sdpa", spy)
+    q, k, v = rnd(2, 4, 64, 32), rnd(2, 4, 64, 32, seed=1), rnd(2, 4, 64, 32, seed=2)
+    pad = torch.ones(2, 1, 1, 64, dtype=torch.bool)
+    pad[1, ..., 40:] = False
+    for _ in range(2):  # the first call plans, the second takes the route
+        F.scaled_dot_product_attention(q, k, v, attn_mask=pad, scale=0.3)
+    assert len(seen) == 2
+    for args in seen:
+        assert args[0] is q and args[1] is k and args[2] is v and args[3] is pad
+        assert args[4] == dict(dropout_p=0.0, is_causal=False, scale=0.3, enable_gqa=False)
+
+
+def test_native_raises_its_own_errors_on_a_known_route(rt):
+    q, k, v = rnd(1, 2, 16, 8), rnd(1, 2, 16, 8, seed=1), rnd(1, 2, 16, 8, seed=2)
+    F.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(RuntimeError, match="same dtype"):  # validated by the contract on the full path
+        F.scaled_dot_product_attention(q, k.double(), v)
+    with pytest.raises(TypeError, match="is_causal"):
+        F.scaled_dot_product_attention(q, k, v, is_causal=1)
+
+
+def test_many_threads_at_once_get_the_single_threaded_results(rt):
+    """A serving process: eight threads call SDPA on a mix of shapes (native-served, ours-served, masked, GQA,
+    causal) while the caches fill; every result equals the single-threaded one."""
+    rt.setenv("NOFLASH_TUNE_VRAM_CAP", "")
+    cases = []
+    for i in range(12):
+        L = [1, 7, 64, 300, 2048, 513][i % 6]
+        S = max(L, 64)
+        Ev = 16 if L == 2048 else 32
+        q = rnd(1, 4, L, 32, seed=i)
+        k = rnd(1, 2 if i % 3 == 0 else 4, S, 32, seed=i + 100)
+        v = rnd(1, k.shape[1], S, Ev, seed=i + 200)
+        kw = dict(enable_gqa=k.shape[1] != 4, is_causal=i % 4 == 1)
+        if i % 4 == 2:
+            kw["attn_mask"] = rnd(1, 1, L, S, seed=i) > 0
+        cases.append(((q, k, v), kw))
+    expected = [F.scaled_dot_product_attention(*a, **kw) for a, kw in cases]
+    noflash_tune.clear_cache()  # the threads build the plans and routes themselves, concurrently
+
+    def run(i):
+        a, kw = cases[i % len(cases)]
+        return i % len(cases), F.scaled_dot_product_attention(*a, **kw)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(run, range(96)))
+    for i, out in results:
+        assert torch.equal(out, expected[i]), f"case {i}"
+
+
+def test_debug_log_reports_each_decision_once_not_once_per_call():
+    code = ("import torch, torch.nn.functional as F, noflash_tune\n"
+            "q = torch.randn(1, 2, 64, 16)\n"
+            "for _ in range(40):\n"
+            "    F.scaled_dot_product_attention(q, q, q)\n"
+            "for L in (65, 80, 100):\n"
+            "    F.scaled_dot_product_attention(torch.randn(1, 2, L, 16), q, q)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOFLASH_TUNE_") or k.endswith("_DIR")}
+    env.update(NOFLASH_TUNE_LOG="debug", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=str(REPO))
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("noflash-tune plan for") == 2  # q64/k64, then q128/k64 for the three other lengths
+
+
+def test_environment_changes_take_effect_at_clear_cache(rt, monkeypatch):
+    large = (rnd(1, 4, 2048, 32), rnd(1, 4, 2048, 32, seed=1), rnd(1, 4, 2048, 16, seed=2))
+    small = (rnd(1, 2, 64, 16),) * 3
+    assert noflash_tune.explain(*small).serves_native
+    monkeypatch.setenv("NOFLASH_TUNE_FORCE", "1")  # not read per call
+    assert noflash_tune.explain(*small).serves_native
+    noflash_tune.clear_cache()
+    assert not noflash_tune.explain(*small).serves_native
+    assert not noflash_tune.explain(*large).serves_native
+
+
+def test_readable_mask_keeps_values_and_broadcasting_with_aligned_contiguous_rows():
+    for mask, S in ((torch.rand(1, 1, 7, 1) > 0.5, 7), (torch.randn(4, 128, 1), 4096), (torch.randn(2048, 1), 512),
+                    (torch.randn(1, 12, 333, 1), 16), (torch.randn(3, 1, 5, 9)[..., ::2], 5)):
+        fixed = native.readable_mask(mask, S)
+        assert fixed.shape == mask.shape[:-1] + (S,) and fixed.dtype == mask.dtype
+        assert torch.equal(fixed, mask.expand(fixed.shape))
+        assert fixed.stride(-1) == 1
+        assert fixed.dim() < 2 or (fixed.stride(-2) * fixed.element_size()) % native.MASK_ROW_ALIGN == 0
+        assert fixed.data_ptr() % native.MASK_ROW_ALIGN == 0
+        scores = (1, 1) + tuple(fixed.shape[-2:])
+        torch.broadcast_shapes(fixed.shape, scores)  # broadcasts as the original did
