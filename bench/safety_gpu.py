@@ -174,22 +174,28 @@ def main(argv=None) -> int:
     only = set(args.only.split(",")) if args.only else set(FINDINGS) | {"masks"}
     env = {"NOFLASH_TUNE_CONFIGS": "", "NOFLASH_TUNE_FORCE": ""}
     rows = []
+
+    def keep(got):
+        for r in got:
+            print("row", json.dumps(r), flush=True)  # as they come: a run cut short keeps what it measured
+        rows.extend(got)
+
     for name, code in FINDINGS.items():
         if name in only:
-            got = run_one(code, args.src, args.hang_timeout if name == "hang" else 240, args.label, env)
+            got = run_one(code, args.src, args.hang_timeout if name == "hang" else 150, args.label, env)
             for r in got:
                 r.setdefault("case", name)
-            rows += got
+            keep(got)
     if "masks" in only:
         for case, spec in MASKS.items():
             for impl in ("native alone", "patched"):
                 code = MASK.format(spec="(" + ", ".join(spec[:3]) + f", {spec[3]!r}, {spec[4]}, {spec[5]!r})",
                                    native=impl == "native alone", case=case, impl=impl)
-                got = run_one(code, args.src, 120, args.label, env)
+                got = run_one(code, args.src, 60, args.label, env)
                 for r in got:
                     r.setdefault("case", case)
                     r.setdefault("impl", impl)
-                rows += got
+                keep(got)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

@@ -590,11 +590,32 @@ def default_for(family: str, call: "Call") -> Variant | None:
         return None
     base = Variant(family)
     if not prune_reason(base, call):
-        return base
+        return _sized_for_gpu(base, call)
     for v in seed_variants(family, call)[1:]:
         if not prune_reason(v, call):
-            return v
-    return _nearest_kept(fam, base, call)
+            return _sized_for_gpu(v, call)
+    found = _nearest_kept(fam, base, call)
+    return _sized_for_gpu(found, call) if found is not None else None
+
+
+# A PyTorch tier's block of query rows on a GPU: as many as keep one block's fp32 scores under this (blocks under
+# 512 rows are launch-bound there, 2-4x behind: bench/NOTES.md, rounds 3 and 8; at 256 rows an untuned fp32 call
+# ran at 0.3-0.8x native's math path on an H200), with a second stream where there are two blocks or more.
+GPU_SCORE_BLOCK_BYTES = 256 << 20
+
+
+def _sized_for_gpu(v: Variant, call: "Call") -> Variant:
+    """``v`` with its row block sized for the GPU the call runs on (a PyTorch tier whose block_m is still its
+    CPU-sized default), where the pruning keeps the result; ``v`` itself elsewhere."""
+    if v.kind != "torch" or call.q.device.type == "cpu" or v.params["block_m"] != v.spec.defaults["block_m"]:
+        return v
+    rows = max(32, GPU_SCORE_BLOCK_BYTES // max(1, call.B * call.H * call.S * 4))
+    rows = min(1 << (rows.bit_length() - 1), max(v.spec.space["block_m"]), pow2_ceil(call.L * call.groups))
+    change = {"block_m": max(rows, min(v.spec.space["block_m"]))}
+    if "streams" in v.params and -(-call.L // change["block_m"]) >= 2:
+        change["streams"] = 2
+    sized = v.replace(**change)
+    return sized if not prune_reason(sized, call) else v
 
 
 def default_verdicts(call: "Call", families: list[str]):

@@ -102,9 +102,9 @@ def test_pass_through_hands_native_the_users_own_arguments(rt):
     seen = []
     real = dispatch.original_sdpa
 
-    def spy(q, k, v, attn_mask=None, **kw):
-        seen.append((q, k, v, attn_mask, kw))
-        return real(q, k, v, attn_mask=attn_mask, **kw)
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        seen.append((q, k, v, attn_mask, dict(dropout_p=dropout_p, is_causal=is_causal, **kw)))
+        return real(q, k, v, attn_mask, dropout_p, is_causal, **kw)
 
     rt.setattr(dispatch, "original_sdpa", spy)
     q, k, v = rnd(2, 4, 64, 32), rnd(2, 4, 64, 32, seed=1), rnd(2, 4, 64, 32, seed=2)
@@ -183,11 +183,21 @@ def test_environment_changes_take_effect_at_clear_cache(rt, monkeypatch):
 
 
 def test_readable_mask_keeps_values_and_broadcasting_with_aligned_contiguous_rows():
+    """The mask native gets where its fused kernels would fault on the user's layout: the same attention (a bool
+    mask as its additive -inf form, which gives fully masked rows the contract's zeros on every backend)."""
     for mask, S in ((torch.rand(1, 1, 7, 1) > 0.5, 7), (torch.randn(4, 128, 1), 4096), (torch.randn(2048, 1), 512),
                     (torch.randn(1, 12, 333, 1), 16), (torch.randn(3, 1, 5, 9)[..., ::2], 5)):
-        fixed = native.readable_mask(mask, S)
-        assert fixed.shape == mask.shape[:-1] + (S,) and fixed.dtype == mask.dtype
-        assert torch.equal(fixed, mask.expand(fixed.shape))
+        fixed = native.readable_mask(mask, S, torch.bfloat16)
+        assert fixed.shape == mask.shape[:-1] + (S,)
+        if mask.dtype == torch.bool:
+            assert fixed.dtype == torch.bfloat16
+            want = torch.zeros(fixed.shape).masked_fill(~mask.expand(fixed.shape), float("-inf"))
+            assert torch.equal(fixed.float(), want)
+            q = torch.randn(1, 2, 7, 16)
+            torch.testing.assert_close(original_sdpa(q, q, q, attn_mask=fixed.float()),
+                                       math(q, q, q, attn_mask=mask.expand(1, 1, 7, 7)), atol=1e-6, rtol=1e-6)
+        else:
+            assert fixed.dtype == mask.dtype and torch.equal(fixed, mask.expand(fixed.shape))
         assert fixed.stride(-1) == 1
         assert fixed.dim() < 2 or (fixed.stride(-2) * fixed.element_size()) % native.MASK_ROW_ALIGN == 0
         assert fixed.data_ptr() % native.MASK_ROW_ALIGN == 0

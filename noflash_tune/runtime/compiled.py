@@ -121,7 +121,7 @@ def traced_sdpa(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
     route = ("native", False) if desc is None else route_at_trace(desc)
     if route[0] == "native":
         if route[1] and q.device.type == "cuda":
-            mask = readable_mask(mask, k.shape[-2])
+            mask = readable_mask(mask, k.shape[-2], q.dtype)
         return original_sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                              enable_gqa=enable_gqa)
     call = contract.normalize(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)

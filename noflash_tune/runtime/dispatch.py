@@ -32,20 +32,18 @@ log = logging.getLogger("noflash_tune")
 # --- the route key ----------------------------------------------------------------------------------------------
 
 _Tensor = torch.Tensor
-_has_torch_function = torch._C._has_torch_function
 _grad_enabled = torch.is_grad_enabled
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 _tracing_state = torch._C._get_tracing_state
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
-_native_switches = tuple(getattr(torch._C, f"_get_{n}_sdp_enabled", None) or (lambda: False)
-                         for n in ("flash", "mem_efficient", "math", "cudnn"))
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
+_switches = tuple(getattr(torch._C, f"_get_{n}_sdp_enabled", None) or (lambda: False)
+                  for n in ("flash", "mem_efficient", "math", "cudnn"))
+_tf_mode = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
 _is_compiling = torch.compiler.is_compiling
 ROUTES_MAX = 4096
 
 
 def _autocast_state(device_type: str):
-    if _any_autocast is not None and not _any_autocast():
-        return None
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
@@ -57,24 +55,25 @@ def _autocast_state(device_type: str):
 def route_key(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
     """The call's metadata as a hashable key, or None where the call must take the full path every time (a tensor
     subclass, a ``__torch_function__`` mode, functorch transforms, TorchScript tracing, an argument of an
-    unexpected type)."""
-    if type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor:
+    unexpected type, a nested tensor). :func:`sdpa` computes the same key inline (a frame less on every call)."""
+    if not (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor and not _tf_mode()
+            and not _transforms_active() and _tracing_state() is None
+            and (type(dropout_p) is float or type(dropout_p) is int)
+            and (scale is None or type(scale) is float or type(scale) is int)):
         return None
-    if _has_torch_function((q, k, v)) or _transforms_active() or _tracing_state() is not None:
+    try:
+        if mask is None:
+            mk = None
+        elif type(mask) is _Tensor:
+            mk = (mask.shape, mask.stride(), mask.dtype, mask.device, mask.requires_grad, mask.data_ptr() % 16 == 0)
+        else:
+            return None
+        grad = _grad_enabled() and (q.requires_grad, k.requires_grad, v.requires_grad)
+        return (q.shape, k.shape, v.shape, q.dtype, q.device, q.stride(), k.stride(), v.stride(), grad, mk, is_causal,
+                enable_gqa, dropout_p, scale is None or scale > 0, _any_autocast() and _autocast_state(q.device.type),
+                _switches[0](), _switches[1](), _switches[2](), _switches[3]())
+    except Exception:  # noqa: BLE001 - a nested tensor has no strides, say: the full path says what it is
         return None
-    if mask is None:
-        mk = None
-    elif type(mask) is _Tensor and not _has_torch_function((mask,)):
-        mk = (mask.shape, mask.stride(), mask.dtype, mask.device, mask.requires_grad, mask.data_ptr() % 16 == 0)
-    else:
-        return None
-    tp, ts = type(dropout_p), type(scale)
-    if (tp is not float and tp is not int) or (scale is not None and ts is not float and ts is not int):
-        return None
-    return (q.shape, k.shape, v.shape, q.dtype, q.device, q.stride(), k.stride(), v.stride(), q.is_nested,
-            q.requires_grad, k.requires_grad, v.requires_grad, _grad_enabled(), mk, is_causal, enable_gqa, dropout_p,
-            scale is None or scale > 0, _autocast_state(q.device.type), _native_switches[0](), _native_switches[1](),
-            _native_switches[2](), _native_switches[3]())
 
 
 _routes: dict = {}
@@ -103,8 +102,7 @@ def _delegate(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
 def _native(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
     """Native as is: the pass-through every call native serves takes (one frame between the caller and native)."""
     try:
-        return original_sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                             enable_gqa=enable_gqa)
+        return original_sdpa(q, k, v, mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     except fallback.OutOfMemoryError as exc:
         return _rescue(exc, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
 
@@ -117,7 +115,7 @@ def _native_route(plan: Plan):
 
     def steered(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
         if plan.repair_mask and mask_needs_repair(mask, k.size(-2)):
-            mask = readable_mask(mask, k.size(-2))
+            mask = readable_mask(mask, k.size(-2), q.dtype)
         try:
             return run(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                        enable_gqa=enable_gqa)
@@ -223,11 +221,36 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, s
     """``scaled_dot_product_attention`` with native's contract, served by the route of the call's metadata."""
     if _is_compiling():
         return _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    try:
-        rkey = route_key(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    except Exception:  # noqa: BLE001 - an argument without the usual attributes: the full path says what is wrong
-        rkey = None
+    rkey = None
+    # route_key(), inline: what every call pays.
+    if (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor and not _tf_mode()
+            and not _transforms_active() and _tracing_state() is None
+            and (type(dropout_p) is float or type(dropout_p) is int)
+            and (scale is None or type(scale) is float or type(scale) is int)):
+        try:
+            if attn_mask is None:
+                mk = None
+            elif type(attn_mask) is _Tensor:
+                mk = (attn_mask.shape, attn_mask.stride(), attn_mask.dtype, attn_mask.device, attn_mask.requires_grad,
+                      attn_mask.data_ptr() % 16 == 0)
+            else:
+                mk = False
+            if mk is not False:
+                grad = _grad_enabled() and (query.requires_grad, key.requires_grad, value.requires_grad)
+                rkey = (query.shape, key.shape, value.shape, query.dtype, query.device, query.stride(), key.stride(),
+                        value.stride(), grad, mk, is_causal, enable_gqa, dropout_p, scale is None or scale > 0,
+                        _any_autocast() and _autocast_state(query.device.type), _switches[0](), _switches[1](),
+                        _switches[2](), _switches[3]())
+        except Exception:  # noqa: BLE001 - a nested tensor has no strides, say: the full path says what it is
+            rkey = None
     route = _routes.get(rkey) if rkey is not None else None
+    if route is _native:  # the pass-through, inline (keywords only where given: each costs native's parser time)
+        try:
+            if scale is None and not enable_gqa:
+                return original_sdpa(query, key, value, attn_mask, dropout_p, is_causal)
+            return original_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        except fallback.OutOfMemoryError as exc:
+            return _rescue(exc, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if route is None:
         route = _new_route(rkey, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)

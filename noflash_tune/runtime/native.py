@@ -95,14 +95,22 @@ def mask_needs_repair(mask, S: int) -> bool:
     return not rows_aligned or mask.data_ptr() % MASK_ROW_ALIGN != 0
 
 
-def readable_mask(mask, S: int):
+def readable_mask(mask, S: int, dtype: torch.dtype):
     """``mask`` laid out as the fused kernels read one: the key dim materialised (the other broadcast dims kept at
-    size 1), contiguous along it, each row starting on a 16-byte boundary. Same values, same broadcasting."""
+    size 1), contiguous along it, each row starting on a 16-byte boundary. A float mask keeps its values; a bool
+    mask becomes the additive mask it means (0 where True, -inf where False) in ``dtype``, the query's: cuDNN
+    fills a bool mask's False with a finite value, so a fully masked row would come out as ordinary attention
+    instead of the zeros of the contract, while an -inf float mask gives those zeros."""
     shape = tuple(mask.shape[:-1]) + (S,)
-    pad = -(-S * mask.element_size() // MASK_ROW_ALIGN) * MASK_ROW_ALIGN // mask.element_size()
-    buf = torch.empty(shape[:-1] + (pad,), dtype=mask.dtype, device=mask.device)
+    out_dtype = dtype if mask.dtype == torch.bool else mask.dtype
+    elt = torch.empty((), dtype=out_dtype).element_size()
+    pad = -(-S * elt // MASK_ROW_ALIGN) * MASK_ROW_ALIGN // elt
+    buf = torch.empty(shape[:-1] + (pad,), dtype=out_dtype, device=mask.device)
     out = buf.narrow(-1, 0, S)
-    out.copy_(mask.expand(shape))
+    if mask.dtype == torch.bool:
+        out.zero_().masked_fill_(~mask.expand(shape), float("-inf"))
+    else:
+        out.copy_(mask.expand(shape))
     return out
 
 
@@ -119,7 +127,7 @@ def run_native(call, backend: str | None = None) -> torch.Tensor:
         q, k, v, mask, p, causal, scale, gqa = args
         kwargs = dict(dropout_p=p, is_causal=causal, scale=scale, enable_gqa=gqa)
     if mask_needs_repair(mask, k.size(-2)):
-        mask = readable_mask(mask, k.size(-2))
+        mask = readable_mask(mask, k.size(-2), q.dtype)
     if backend is not None and backend != "math":
         prefer = preferring(backend)
         if prefer is not None:
