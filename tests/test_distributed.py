@@ -119,7 +119,7 @@ def _check_studies(storage_url: str, processes: int) -> set[int]:
         # Two processes sampling at the same moment both see the other's new trial RUNNING without its candidate
         # yet and may draw the same one; once the last candidates are all running elsewhere, BruteForceSampler
         # draws a taken one rather than wait. The tuner then skips the candidate when a finished trial or a
-        # lower-numbered running one holds it (tuner._taken_by); both evaluate only when each checked before the
+        # lower-numbered running one holds it (tuner.shared_study._taken_by); both evaluate only when each checked before the
         # other had written its candidate, a window of a few storage round trips. So: at most one evaluation per
         # process per candidate, and a small number of extra ones in all (at most one per process).
         extra = sum(n - 1 for n in evaluated.values())
