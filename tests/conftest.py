@@ -101,3 +101,22 @@ def postgres_server():
 def postgres_url(postgres_server):
     """The SQLAlchemy URL (``postgresql+psycopg2://postgres@127.0.0.1:PORT/DB``) of a fresh empty database."""
     return postgres_server.new_database()
+
+
+@pytest.fixture
+def rt(clean_runtime, tmp_path):
+    """The patch on, fresh dispatcher state, and no config anywhere (not even a shipped one) unless a test writes one:
+    each test decides what the dispatcher knows."""
+    import noflash_tune
+    from noflash_tune import paths
+
+    mp = clean_runtime
+    empty = tmp_path / "shipped"
+    empty.mkdir()
+    mp.setattr(paths, "shipped_configs_dir", lambda: empty)
+    mp.setenv("NOFLASH_TUNE_USER_DIR", str(tmp_path / "user"))
+    for name in ("NOFLASH_TUNE_CONFIGS", "NOFLASH_TUNE_FORCE", "NOFLASH_TUNE_VRAM_CAP"):
+        mp.delenv(name, raising=False)
+    noflash_tune.enable()
+    yield mp
+    noflash_tune.enable()

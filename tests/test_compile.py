@@ -10,28 +10,18 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import noflash_tune
-from noflash_tune import paths
 from noflash_tune.measure import check_accuracy
-from noflash_tune.runtime import compiled, ops
+from noflash_tune.runtime import ops
 from noflash_tune.runtime.native import original_sdpa
 
 dynamo = pytest.importorskip("torch._dynamo")
 
 
-@pytest.fixture
-def rt(clean_runtime, tmp_path):
-    mp = clean_runtime
-    empty = tmp_path / "shipped"
-    empty.mkdir()
-    mp.setattr(paths, "shipped_configs_dir", lambda: empty)
-    mp.setenv("NOFLASH_TUNE_USER_DIR", str(tmp_path / "user"))
-    mp.delenv("NOFLASH_TUNE_CONFIGS", raising=False)
-    mp.delenv("NOFLASH_TUNE_FORCE", raising=False)
-    noflash_tune.enable()
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
     torch._dynamo.reset()
-    yield mp
+    yield
     torch._dynamo.reset()
-    noflash_tune.enable()
 
 
 def rnd(*shape, seed=0, grad=False):

@@ -15,25 +15,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import noflash_tune
-from noflash_tune import configs, contract, device, paths
+from noflash_tune import configs, contract, device
 from noflash_tune.runtime import dispatch, native, plans
 from noflash_tune.runtime.native import original_sdpa
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def rt(clean_runtime, tmp_path):
-    mp = clean_runtime
-    empty = tmp_path / "shipped"
-    empty.mkdir()
-    mp.setattr(paths, "shipped_configs_dir", lambda: empty)
-    mp.setenv("NOFLASH_TUNE_USER_DIR", str(tmp_path / "user"))
-    mp.delenv("NOFLASH_TUNE_CONFIGS", raising=False)
-    mp.delenv("NOFLASH_TUNE_FORCE", raising=False)
-    noflash_tune.enable()
-    yield mp
-    noflash_tune.enable()
 
 
 def rnd(*shape, seed=0, dtype=torch.float32):

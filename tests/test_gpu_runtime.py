@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import noflash_tune
-from noflash_tune import configs, paths
+from noflash_tune import configs
 from noflash_tune.measure import check_accuracy, math_attention
 from noflash_tune.runtime import failures, kernels
 from noflash_tune.shapes import Shape
@@ -24,20 +24,6 @@ from noflash_tune.variants import Variant
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def rt(clean_runtime, tmp_path):
-    mp = clean_runtime
-    empty = tmp_path / "shipped"
-    empty.mkdir()
-    mp.setattr(paths, "shipped_configs_dir", lambda: empty)
-    mp.setenv("NOFLASH_TUNE_USER_DIR", str(tmp_path / "user"))
-    mp.delenv("NOFLASH_TUNE_CONFIGS", raising=False)
-    mp.delenv("NOFLASH_TUNE_FORCE", raising=False)
-    noflash_tune.enable()
-    yield mp
-    noflash_tune.enable()
 
 
 def rnd(*shape, dtype=torch.bfloat16, seed=0):

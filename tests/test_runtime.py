@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import noflash_tune
-from noflash_tune import Variant, configs, device, paths
+from noflash_tune import Variant, configs, device
 from noflash_tune.runtime import dispatch, fallback, patch, plans
 from noflash_tune.runtime.native import original_sdpa
 from noflash_tune.shapes import Shape
@@ -22,22 +22,6 @@ from noflash_tune.shapes import Shape
 REPO = Path(__file__).resolve().parent.parent
 KEY = device.device_key("cpu")  # not configs.this_device_info: that imports triton at collection
 TUNED = Variant("torch_online", block_m=64, block_n=128)
-
-
-@pytest.fixture
-def rt(clean_runtime, tmp_path):
-    """Fresh dispatcher state, no config anywhere (not even a shipped one), and the patch on."""
-    mp = clean_runtime
-    empty = tmp_path / "shipped"
-    empty.mkdir()
-    mp.setattr(paths, "shipped_configs_dir", lambda: empty)
-    mp.setenv("NOFLASH_TUNE_USER_DIR", str(tmp_path / "user"))
-    mp.delenv("NOFLASH_TUNE_CONFIGS", raising=False)
-    mp.delenv("NOFLASH_TUNE_FORCE", raising=False)
-    mp.delenv("NOFLASH_TUNE_VRAM_CAP", raising=False)
-    noflash_tune.enable()
-    yield mp
-    noflash_tune.enable()
 
 
 def native_math(*args, **kwargs):

@@ -20,12 +20,8 @@ log = logging.getLogger("noflash_tune")
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
-class CapExceeded(Exception):
-    """A variant's estimated workspace exceeds the VRAM cap: handled exactly like an OOM."""
-
-
 def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, (OutOfMemoryError, CapExceeded, MemoryError)):
+    if isinstance(exc, (OutOfMemoryError, MemoryError)):
         return True
     msg = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in msg.lower() or "can't allocate memory" in msg

@@ -21,7 +21,7 @@ import torch
 from ..variants import FAMILIES, TIER_ORDER, Variant, compute_dtype, default_for, prune_reason
 from . import capture, kernels, settings
 from .autograd import ChainAttention
-from .failures import CapExceeded, OutOfMemoryError, bucket_key, failure_of, is_fatal, is_oom, remember
+from .failures import OutOfMemoryError, bucket_key, failure_of, is_fatal, is_oom, remember
 from .native import run_native
 
 log = logging.getLogger("noflash_tune")
