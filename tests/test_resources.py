@@ -20,7 +20,8 @@ from noflash_tune import device, precision, resources, variants
 from noflash_tune.planning import call_as_if_on
 from noflash_tune.runtime.plans import OUR_FAMILIES  # the dispatcher's order of preference
 from noflash_tune.shapes import Shape
-from noflash_tune.variants import FAMILIES, Variant, default_for, default_variant, prune_reason
+from noflash_tune.defaults import default_for, default_variant, fits_nowhere_reason
+from noflash_tune.variants import FAMILIES, Variant, prune_reason
 
 REPO = Path(__file__).resolve().parents[1]
 TRITON_FAMILIES = tuple(n for n in OUR_FAMILIES if FAMILIES[n].kind == "triton")
@@ -106,7 +107,7 @@ def test_every_fitting_default_fits_its_device_on_every_profile_head_dim_and_dty
         for name in OUR_FAMILIES:
             v = default_for(name, call)
             if v is None:
-                assert variants.fits_nowhere_reason(name, call), (prof.key, dt, E, Ev, name)
+                assert fits_nowhere_reason(name, call), (prof.key, dt, E, Ev, name)
                 seen_none.add((prof.key, name))
                 continue
             assert v.family == name and prune_reason(v, call) == "", (prof.key, dt, E, Ev, v, prune_reason(v, call))
@@ -182,7 +183,7 @@ def test_half_input_on_a_cpu_gets_the_chunked_tier_with_fp32_scores():
 ], ids=str)
 def test_a_family_that_fits_nowhere_is_known_from_its_least_points_and_really_fits_nowhere(key, family, shape):
     call = call_as_if_on(device.PROFILES[key], shape)
-    assert variants.fits_nowhere_reason(family, call)
+    assert fits_nowhere_reason(family, call)
     assert default_for(family, call) is None
     assert not [v for v, why in variants.candidate_space(family, call) if not why]
 

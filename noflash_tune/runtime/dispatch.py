@@ -22,6 +22,7 @@ import threading
 import torch
 
 from .. import contract
+from ..defaults import default_variant
 from ..variants import FAMILIES, Variant
 from . import compiled, fallback, plans, settings
 from .native import mask_needs_repair, original_sdpa, preferring, readable_mask
@@ -54,10 +55,16 @@ def _autocast_state(device_type: str):
 
 def route_key(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
     """The call's metadata as a hashable key, or None where the call must take the full path every time (a tensor
-    subclass, a ``__torch_function__`` mode, functorch transforms, TorchScript tracing, an argument of an
-    unexpected type, a nested tensor). :func:`sdpa` computes the same key inline (a frame less on every call)."""
+    subclass, a ``__torch_function__`` mode, an argument of an unexpected type, a nested tensor). :func:`sdpa`
+    computes the same key inline (a frame less on every call).
+
+    What the key holds is what a route depends on: the shapes, dtype, device and strides (one C call each; the
+    plan reads whether the last is 1, the kernels the rest), whether any input needs a gradient,
+    the mask's layout (shape, strides, dtype, alignment: native's fused kernels read it as laid out), the flags,
+    autocast and native's backend switches. Functorch transforms and TorchScript tracing are not in it: a native
+    route serves them as native would (the call is native's own), and any other route sends them down the full
+    path (:func:`sdpa`)."""
     if not (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor and not _tf_mode()
-            and not _transforms_active() and _tracing_state() is None
             and (type(dropout_p) is float or type(dropout_p) is int)
             and (scale is None or type(scale) is float or type(scale) is int)):
         return None
@@ -68,8 +75,8 @@ def route_key(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
             mk = (mask.shape, mask.stride(), mask.dtype, mask.device, mask.requires_grad, mask.data_ptr() % 16 == 0)
         else:
             return None
-        grad = _grad_enabled() and (q.requires_grad, k.requires_grad, v.requires_grad)
-        return (q.shape, k.shape, v.shape, q.dtype, q.device, q.stride(), k.stride(), v.stride(), grad, mk, is_causal,
+        return (q.shape, k.shape, v.shape, q.dtype, q.device, q.stride(), k.stride(), v.stride(),
+                _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad), mk, is_causal,
                 enable_gqa, dropout_p, scale is None or scale > 0, _any_autocast() and _autocast_state(q.device.type),
                 _switches[0](), _switches[1](), _switches[2](), _switches[3]())
     except Exception:  # noqa: BLE001 - a nested tensor has no strides, say: the full path says what it is
@@ -224,7 +231,6 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, s
     rkey = None
     # route_key(), inline: what every call pays.
     if (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor and not _tf_mode()
-            and not _transforms_active() and _tracing_state() is None
             and (type(dropout_p) is float or type(dropout_p) is int)
             and (scale is None or type(scale) is float or type(scale) is int)):
         try:
@@ -236,9 +242,10 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, s
             else:
                 mk = False
             if mk is not False:
-                grad = _grad_enabled() and (query.requires_grad, key.requires_grad, value.requires_grad)
-                rkey = (query.shape, key.shape, value.shape, query.dtype, query.device, query.stride(), key.stride(),
-                        value.stride(), grad, mk, is_causal, enable_gqa, dropout_p, scale is None or scale > 0,
+                rkey = (query.shape, key.shape, value.shape, query.dtype, query.device, query.stride(),
+                        key.stride(), value.stride(),
+                        _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad), mk,
+                        is_causal, enable_gqa, dropout_p, scale is None or scale > 0,
                         _any_autocast() and _autocast_state(query.device.type), _switches[0](), _switches[1](),
                         _switches[2](), _switches[3]())
         except Exception:  # noqa: BLE001 - a nested tensor has no strides, say: the full path says what it is
@@ -251,6 +258,8 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, s
             return original_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         except fallback.OutOfMemoryError as exc:
             return _rescue(exc, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if _transforms_active() or _tracing_state() is not None:  # vmap/grad, jit.trace: the full path, never cached
+        route, rkey = None, None
     if route is None:
         route = _new_route(rkey, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -287,8 +296,6 @@ def attention(query, key, value, variant: Variant | None = None, **sdpa_kwargs):
         return call.zeros_result((query, key, value, sdpa_kwargs.get("attn_mask")))
     if variant is None:
         names = [n for n in plans.families_in_order(call) if not FAMILIES[n].reasons(call)]
-        from ..variants import default_variant
-
         variant = default_variant(call, names) if names else None
         if variant is None:
             raise RuntimeError("no noflash-tune family supports this call")

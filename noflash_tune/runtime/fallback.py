@@ -18,7 +18,8 @@ import logging
 
 import torch
 
-from ..variants import FAMILIES, TIER_ORDER, Variant, compute_dtype, default_for, prune_reason
+from ..defaults import default_for
+from ..variants import FAMILIES, TIER_ORDER, Variant, compute_dtype, prune_reason
 from . import capture, kernels, settings
 from .autograd import ChainAttention
 from .failures import OutOfMemoryError, bucket_key, failure_of, is_fatal, is_oom, remember

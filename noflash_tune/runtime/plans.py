@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import contract, device, resources, variants
+from .. import contract, defaults, device, resources, variants
 from ..shapes import Bucket
 from ..sizes import pow2_ceil
 from ..variants import DTYPE_NAMES, FAMILIES, TIER_ORDER, Variant
@@ -271,7 +271,7 @@ def build_plan(call: contract.Call) -> Plan:
             return native("tuned", f"tuned ({where}): native {nat[0]} {nat[1]:.3g} ms was fastest", entry, nat[0])
 
     def fitting_default(why: str) -> Plan:
-        default = variants.default_variant(call, supported)
+        default = defaults.default_variant(call, supported)
         if default is None:
             return native("native", f"{why}, but no variant of {', '.join(supported)} fits this call and device")
         return ours(default, "default", f"{why}; {default.family}'s fitting default")
