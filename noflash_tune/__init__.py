@@ -26,9 +26,11 @@ def _setup_logging() -> None:
 _setup_logging()
 
 from .codegen import Specialization, render  # noqa: E402
-from .runtime import Plan, attention, clear_cache, disable, enable, explain, is_enabled  # noqa: E402
+from .runtime import Plan, clear_cache, disable, enable, is_enabled  # noqa: E402
 from .runtime.dispatch import sdpa as _sdpa  # noqa: E402
 from .variants import Variant  # noqa: E402
+# attention/explain: the runtime's, plus the features beyond SDPA (window, softcap, ALiBi); and the KV cache's.
+from .extras import attention, attention_with_kvcache, explain  # noqa: E402
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,
@@ -37,8 +39,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
-__all__ = ["Plan", "Specialization", "Variant", "attention", "clear_cache", "disable", "enable", "explain",
-           "is_enabled", "render", "scaled_dot_product_attention"]
+__all__ = ["Plan", "Specialization", "Variant", "attention", "attention_with_kvcache", "clear_cache", "disable",
+           "enable", "explain", "is_enabled", "render", "scaled_dot_product_attention"]
 
 from .runtime.patch import enable_from_env as _enable_from_env  # noqa: E402
 

@@ -81,8 +81,9 @@ def winners_table(entries, title: str) -> Table:
     for e in entries:
         nat = e.native
         speed = f"{nat[1] / e.ms:.2f}x" if nat and e.ms > 0 else "-"
+        pinned = f" ({e.native_pinned} only)" if getattr(e, "native_pinned", None) else ""
         table.add_row(e.bucket.key, str(e.winner), f"{e.ms:.3f}", f"{e.tflops:.2f}", f"{e.peak_mib:.1f}",
-                      f"{nat[0]} {nat[1]:.3f} ms" if nat else "-", speed, e.stale or "")
+                      (f"{nat[0]} {nat[1]:.3f} ms" if nat else "-") + pinned, speed, e.stale or "")
     return table
 
 
@@ -104,7 +105,8 @@ def cmd_tune(args) -> int:
         budget = DEFAULT_SECONDS_PER_SHAPE * len(shapes)
     opts = tuner.TuneOptions(device=dev, vram_cap_bytes=cap, trials=args.trials, time_budget_s=budget or None,
                              storage=args.storage, in_process=args.in_process, budget_ms=args.measure_ms,
-                             compile_workers=args.compile_workers, families=_parse_families(args.families))
+                             compile_workers=args.compile_workers, families=_parse_families(args.families),
+                             native=args.native)
     if args.objective == "synthetic":
         # Its numbers are not measurements: keep them out of the default search log and the user config dir.
         if not (args.storage and args.out):
@@ -117,6 +119,12 @@ def cmd_tune(args) -> int:
                   f"VRAM cap {cap / 2**30:.1f} GiB, "
                   f"{f'time budget {budget:.0f} s' if budget else 'no time budget'}, "
                   f"storage {opts.storage or tuner.default_storage_url()}")
+    if opts.families is not None:
+        console.print("families: " + ", ".join(opts.families) + " (and the native backends)")
+    if opts.native == "math":
+        console.print("native: [yellow]math only[/] (every fused backend off for the whole run, as on a GPU "
+                      "without them); the entries record it (\"native_pinned\": \"math\"), and a device whose "
+                      "fused kernels take a call passes them over")
     path = out_dir / f"{key}.json"
 
     def write(results):
@@ -198,6 +206,8 @@ def cmd_verify(args) -> int:
 
     cfg = configs.load_file(Path(args.file))
     dev = _device_for(args.gpu)
+    if args.accuracy:
+        return _verify_accuracy(cfg, dev, args.file)
     opts = tuner.TuneOptions(device=dev, in_process=args.in_process, budget_ms=args.measure_ms)
     table = Table(title=f"verify {args.file} on {dev}")
     for col in ("bucket", "winner", "tuned ms", "here ms", "drift", "best here", "verdict"):
@@ -242,6 +252,33 @@ def cmd_verify(args) -> int:
                       f"{best[0]} {best[1]:.3f}" if best else "-", verdict)
     console.print(table)
     console.print(f"{flagged} of {len(cfg.entries)} entries flagged")
+    return 1 if flagged else 0
+
+
+def _verify_accuracy(cfg, dev, name) -> int:
+    """``verify --accuracy``: each entry's winner and runners-up through today's accuracy gate on this device (the
+    tuner's own check, ``measure.check_variant``: native's error here, or the math in the input dtype), no timing.
+    One line a variant as it is checked (a long file's partial answer is still an answer), then the count."""
+    from . import measure
+
+    console.print(f"verify --accuracy {name} on {dev}: worst error / the rule's bound, per variant")
+    flagged = checked = 0
+    for e in sorted(cfg.entries.values(), key=lambda e: e.key):
+        for v in [e.winner] + [r for r, _ in e.runners_up]:
+            if v.kind == "native":
+                continue
+            checked += 1
+            try:
+                acc = measure.check_variant(v, e.shape, dev)
+            except Exception as exc:  # noqa: BLE001 - a variant that no longer runs here is a finding, not a crash
+                flagged += 1
+                console.print(f"[red]failed[/] {e.key} {v}: {type(exc).__name__}: {str(exc)[:120]}", markup=True)
+                continue
+            worst = max((err / bound if bound else 0.0) for err, _base, bound in acc.rows.values()) if acc.rows else 0
+            flagged += not acc.ok
+            verdict = "ok" if acc.ok else "[red]over the rule[/]"
+            console.print(f"{verdict} {worst:.2f} {e.key} {v} [{acc.baseline}]", highlight=False)
+    console.print(f"{flagged} of {checked} variants flagged")
     return 1 if flagged else 0
 
 
@@ -328,16 +365,20 @@ def cmd_bench(args) -> int:
 # --- argument parsing -------------------------------------------------------------------------------------
 
 def _parse_families(text: str | None) -> tuple[str, ...] | None:
+    """``--families``: family names, or kinds standing for every family of theirs ("torch": the PyTorch tiers,
+    "triton": the Triton/Gluon kernels)."""
     from .variants import FAMILIES
 
     if not text:
         return None
-    names = tuple(sorted({n.strip() for n in text.split(",") if n.strip()}))
+    asked = {n.strip() for n in text.split(",") if n.strip()}
     ours = sorted(n for n, f in FAMILIES.items() if f.kind != "native")
-    bad = [n for n in names if n not in ours]
-    if bad or not names:
-        raise CliError(f"--families: unknown {bad or text!r}; ours are {', '.join(ours)}")
-    return names
+    kinds = sorted({FAMILIES[n].kind for n in ours})
+    bad = sorted(n for n in asked if n not in ours and n not in kinds)
+    if bad or not asked:
+        raise CliError(f"--families: unknown {bad or text!r}; ours are {', '.join(ours)}, or a kind: "
+                       f"{', '.join(kinds)}")
+    return tuple(sorted({n for n in ours if n in asked or FAMILIES[n].kind in asked}))
 
 
 def _tune_options(p: argparse.ArgumentParser) -> None:
@@ -359,8 +400,13 @@ def _tune_options(p: argparse.ArgumentParser) -> None:
                    help="processes compiling Triton kernels ahead of the trials (default: GPUs, CPU cores - 2)")
     p.add_argument("--measure-ms", type=float, help="timing budget per trial in ms")
     p.add_argument("--families", help="comma-separated: search only these of our families (e.g. torch_chunked, "
-                                      "to re-tune one family after its template changed); native backends are "
+                                      "to re-tune one family after its template changed), or a kind for all of "
+                                      "its families (torch: every PyTorch tier; triton); native backends are "
                                       "measured whatever the choice")
+    p.add_argument("--native", choices=("all", "math"), default="all",
+                   help="math: native's fused backends off for the whole run (every native time and comparison is "
+                        "its math path's), to tune as on a GPU without them, e.g. --families torch --native math; "
+                        "the entries record it")
     p.add_argument("--objective", choices=("measure", "synthetic"), default="measure",
                    help="measure: run and time the kernels (default); synthetic: a deterministic cost model instead "
                         "of running kernels; for testing distributed tuning and the tuner itself")
@@ -389,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--gpu", default="auto")
     sp.add_argument("--in-process", action="store_true")
     sp.add_argument("--measure-ms", type=float)
+    sp.add_argument("--accuracy", action="store_true",
+                    help="only the accuracy gate, per winner and runner-up (no timing): after a change of the rule")
     sp = sub.add_parser("explain", help="what the runtime would do for a shape, and why")
     sp.add_argument("--gpu", default="auto")
     sp.add_argument("-B", "--batch", type=int, default=1)

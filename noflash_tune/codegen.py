@@ -44,17 +44,35 @@ class Specialization:
     gqa: bool = False
     dropout: bool = False
     causal_bottom_right: bool = False
+    # Beyond SDPA (the PyTorch tiers render them; the Triton families' reasons refuse such calls): ``band``, a
+    # window or per-batch key lengths (the per-row key range of contract.FeatureArgs); ``softcap``; ``alibi``.
+    band: bool = False
+    softcap: bool = False
+    alibi: bool = False
 
     def __post_init__(self):
-        for name in ("causal", "gqa", "dropout", "causal_bottom_right"):
+        for name in ("causal", "gqa", "dropout", "causal_bottom_right", "band", "softcap", "alibi"):
             if type(getattr(self, name)) is not bool:
                 raise TypeError(f"Specialization.{name} must be bool")
         if self.mask not in MASK_KINDS:
             raise ValueError(f"Specialization.mask must be one of {MASK_KINDS}, got {self.mask!r}")
 
+    @property
+    def banded(self) -> bool:
+        """The PyTorch tiers' per-row key range is rendered: a band, or a bottom-right causal pattern."""
+        return self.band or (self.causal and self.causal_bottom_right)
+
+    @property
+    def features(self) -> bool:
+        """A PyTorch tier rendered for this takes the call's ``contract.FeatureArgs`` (``feat``)."""
+        return self.banded or self.softcap or self.alibi
+
     @classmethod
     def of(cls, call) -> "Specialization":
-        return cls(causal=call.causal, mask=call.mask_kind, gqa=call.groups > 1, dropout=call.dropout_p > 0)
+        return cls(causal=call.causal, mask=call.mask_kind, gqa=call.groups > 1, dropout=call.dropout_p > 0,
+                   causal_bottom_right=bool(call.causal and call.bottom_right),
+                   band=call.window is not None or call.kv_lens is not None, softcap=call.softcap is not None,
+                   alibi=call.alibi is not None)
 
 
 @lru_cache(maxsize=1)
@@ -77,7 +95,8 @@ def _context(variant: Variant, spec: Specialization) -> dict:
             raise TypeError(f"template parameter {key} must be int or str, got {type(value).__name__}")
         ctx[key] = value
     ctx.update(causal=spec.causal, mask=spec.mask, gqa=spec.gqa, dropout=spec.dropout,
-               causal_bottom_right=spec.causal_bottom_right,
+               causal_bottom_right=spec.causal_bottom_right, band=spec.banded, softcap=spec.softcap,
+               alibi=spec.alibi, features=spec.features,
                params_repr=", ".join(f"{k}={v}" for k, v in variant.params.items()))
     if "compute" in variant.params:
         ctx["compute_expr"] = _COMPUTE_EXPR[variant.params["compute"]]

@@ -49,6 +49,15 @@ class Call:
     # The user's own arguments (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa): native SDPA
     # is handed these, not the 4-D views (an expanded mask view would be materialised by native's conversion).
     original: tuple | None = field(default=None, repr=False)
+    # Beyond SDPA (noflash_tune.attention / attention_with_kvcache; off on every SDPA call), set by with_features.
+    # Query row i sits at key position p(i) = i + offset: offset 0 (top-left, SDPA's causal), S - L with
+    # bottom_right, kv_lens[b] - L (bottom_right) per batch row with kv_lens. The causal pattern, the window and
+    # the ALiBi distances all use p(i).
+    window: tuple[int | None, int | None] | None = None  # (left, right): row i sees keys p(i)-left .. p(i)+right
+    softcap: float | None = None  # scores -> softcap * tanh(scores / softcap), before any mask or bias
+    alibi: Tensor | None = field(default=None, repr=False)  # (B, H) slopes: scores -= slope * |p(i) - j|
+    kv_lens: Tensor | None = field(default=None, repr=False)  # (B,) int64: batch row b has keys [0, kv_lens[b])
+    kv_bounds: tuple[int, int] | None = None  # (min, max) of kv_lens, on the host
 
     @property
     def B(self) -> int:
@@ -94,6 +103,37 @@ class Call:
         return tuple(native_fused_backends(self))
 
     @property
+    def features(self) -> tuple[str, ...]:
+        """The beyond-SDPA features this call uses, by name (empty for every SDPA call)."""
+        out = []
+        if self.window is not None:
+            out.append("window")
+        if self.softcap is not None:
+            out.append("softcap")
+        if self.alibi is not None:
+            out.append("alibi")
+        if self.kv_lens is not None:
+            out.append("kv_lens")
+        return tuple(out)
+
+    def feature_args(self) -> "FeatureArgs":
+        """What a PyTorch tier rendered with features reads (``feat`` in templates/torch/_blocks.py.j2)."""
+        left, right = self.window if self.window is not None else (None, None)
+        if self.causal:
+            right = 0 if right is None else min(right, 0)
+        L, S = self.L, self.S
+        if self.kv_lens is not None:
+            lo, hi = self.kv_bounds
+            kv = self.kv_lens.view(-1, 1, 1, 1)
+            if self.bottom_right:
+                off, off_lo, off_hi = kv - L, lo - L, hi - L
+            else:
+                off = off_lo = off_hi = 0
+            return FeatureArgs(left, right, off, off_lo, off_hi, kv, lo, hi, self.softcap, self.alibi)
+        o = S - L if self.bottom_right else 0
+        return FeatureArgs(left, right, o, o, o, None, S, S, self.softcap, self.alibi)
+
+    @property
     def trivial(self) -> bool:
         """Output is empty, has no keys to attend, or dropout drops everything: no kernel needed."""
         return self.q.numel() == 0 or self.S == 0 or self.Ev == 0 or self.B * self.H * self.L == 0 \
@@ -106,6 +146,100 @@ class Call:
         if needs:
             out = out + sum((t.sum() * 0).to(out.dtype) for t in needs)
         return out
+
+
+@dataclass(frozen=True)
+class FeatureArgs:
+    """A call's features as the PyTorch tiers read them: for query row i of batch row b, key j is seen when
+    ``j - p(i)`` lies in ``[-left, right]`` (None: unbounded; causal folded into ``right``) and ``j < kv_lens[b]``,
+    where ``p(i) = i + off``; ALiBi adds ``-slope * |j - p(i)|``."""
+
+    left: int | None
+    right: int | None
+    off: "int | Tensor"  # an int, or (B, 1, 1, 1) int64 on the device where each batch row has its own
+    off_lo: int  # the least and the largest offset, on the host: the key range a block of rows may see
+    off_hi: int
+    kv_lens: Tensor | None  # (B, 1, 1, 1) int64, or None: every row has all S keys
+    kv_lo: int
+    kv_hi: int
+    softcap: float | None
+    alibi: Tensor | None  # (B, H) slopes
+
+
+def _side(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"window: each side is an int >= 0 or None (unbounded), got {name}={value!r}")
+    n = int(value.__index__())
+    if n < 0:
+        raise ValueError(f"window: each side is an int >= 0 or None (unbounded), got {name}={n} (a negative "
+                         "side is not flash-attn's 'unbounded' here: pass None)")
+    return n
+
+
+def check_features(window=None, softcap=None, alibi_slopes=None, *, batch: int, heads: int,
+                   device: torch.device) -> dict:
+    """The beyond-SDPA features checked (``ValueError`` for a bad one, naming it) and normalised, as the
+    :class:`Call` fields they set: ``window`` a pair of ints >= 0 or None (None where both sides are unbounded),
+    ``softcap`` a float, ``alibi`` the slopes as a (batch, heads) view. Nothing is computed or written."""
+    out: dict = {}
+    if window is not None:
+        if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
+            raise ValueError(f"window must be a pair (left, right), got {window!r}"[:200])
+        w = (_side("left", window[0]), _side("right", window[1]))
+        out["window"] = None if w == (None, None) else w
+    if softcap is not None:
+        try:
+            if isinstance(softcap, (bool, str, bytes)):
+                raise TypeError
+            c = float(softcap)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"softcap must be a number > 0, got {type(softcap).__name__}") from None
+        if not (c > 0.0 and math.isfinite(c)):
+            raise ValueError(f"softcap must be a finite number > 0 (scores become c * tanh(s / c)), got {c}")
+        out["softcap"] = c
+    if alibi_slopes is not None:
+        a = alibi_slopes
+        if not isinstance(a, Tensor):
+            raise ValueError(f"alibi_slopes must be a Tensor of shape (H,) or (B, H), got {type(a).__name__}")
+        if a.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"alibi_slopes must be float32 (or float64), got {_dt(a.dtype)}")
+        if a.device != device:
+            raise ValueError(f"alibi_slopes is on {a.device} but query is on {device}")
+        if tuple(a.shape) not in ((heads,), (batch, heads)):
+            raise ValueError(f"alibi_slopes must have shape (H,) = ({heads},) or (B, H) = ({batch}, {heads}), "
+                             f"got {tuple(a.shape)}")
+        if a.requires_grad and torch.is_grad_enabled():
+            raise ValueError("alibi_slopes requires grad, but no gradient flows to the slopes; pass them detached")
+        out["alibi"] = a.expand(batch, heads)
+    return out
+
+
+def with_features(call: Call, *, window=None, softcap=None, alibi_slopes=None, bottom_right: bool | None = None,
+                  kv_lens: Tensor | None = None, kv_bounds: tuple[int, int] | None = None) -> Call:
+    """``call`` with the beyond-SDPA features checked (:func:`check_features`) and set, in place.
+
+    ``window=(left, right)``: key j is seen by query i when p(i) - left <= j <= p(i) + right (a side None is
+    unbounded; ``(left, 0)`` is causal with a window; with ``is_causal`` the right side is at most 0).
+    ``softcap=c > 0``: scores become c * tanh(s / c), on the scaled scores before masks and biases.
+    ``alibi_slopes`` of shape (H,) or (B, H), float32 or float64, not requiring grad: scores get -slope * |p(i) - j|.
+    ``kv_lens`` (B,) int64 with its host ``kv_bounds`` (min, max): batch row b has keys [0, kv_lens[b]) (the KV
+    cache path). p(i) is i (top-left, SDPA's alignment) or, with ``bottom_right``, i + S - L, or i + kv_lens[b] - L
+    with kv_lens."""
+    changes = check_features(window, softcap, alibi_slopes, batch=call.B, heads=call.H, device=call.q.device)
+    if bottom_right is not None:
+        changes["bottom_right"] = bool(bottom_right)
+    if kv_lens is not None:
+        if kv_bounds is None or tuple(kv_lens.shape) != (call.B,) or kv_lens.dtype != torch.int64:
+            raise ValueError("kv_lens must be (B,) int64 with its host (min, max) as kv_bounds")
+        lo, hi = int(kv_bounds[0]), int(kv_bounds[1])
+        if not 0 <= lo <= hi <= call.S:
+            raise ValueError(f"kv_bounds {kv_bounds} must lie within [0, S={call.S}]")
+        changes["kv_lens"], changes["kv_bounds"] = kv_lens, (lo, hi)
+    for name, value in changes.items():
+        setattr(call, name, value)
+    return call
 
 
 def _check_bool_flag(name: str, value) -> bool:

@@ -1,5 +1,7 @@
 """What an untuned call gets: each family's fitting default on the call's device, and the first of them, in the
-dispatcher's order, that is not expected to run far behind native's math path.
+dispatcher's order, that is not expected to run far behind native's math path. A PyTorch tier's default on a GPU
+is sized by its device's class (``TIER_TABLE``: row blocks, streams, bf16 computed in fp16 where bf16 GEMMs are
+slow) and held to a share of the device's memory (``TIER_MEMORY_SHARE``).
 
 Below the runtime, above the variants and their pruning (variants.py, resources.py): the rules read the call's
 shapes and its device's profile, nothing is launched.
@@ -7,11 +9,14 @@ shapes and its device's profile, nothing is launched.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import resources
+import torch
+
+from . import device as _device, resources
 from .sizes import pow2_ceil
-from .variants import FAMILIES, Family, Variant, prune_reason, seed_variants
+from .variants import FAMILIES, Family, Variant, compute_dtype, prune_reason, seed_variants
 
 if TYPE_CHECKING:  # pragma: no cover
     from .contract import Call
@@ -71,32 +76,148 @@ def default_for(family: str, call: "Call") -> Variant | None:
         return None
     base = Variant(family)
     if not prune_reason(base, call):
-        return _sized_for_gpu(base, call)
+        return _sized_for_device(base, call)
     for v in seed_variants(family, call)[1:]:
         if not prune_reason(v, call):
-            return _sized_for_gpu(v, call)
+            return _sized_for_device(v, call)
     found = _nearest_kept(fam, base, call)
-    return _sized_for_gpu(found, call) if found is not None else None
+    return _sized_for_device(found, call) if found is not None else None
 
 
-# A PyTorch tier's block of query rows on a GPU: as many as keep one block's fp32 scores under this (blocks under
-# 512 rows are launch-bound there, 2-4x behind: bench/NOTES.md, rounds 3 and 8; at 256 rows an untuned fp32 call
-# ran at 0.3-0.8x native's math path on an H200), with a second stream where there are two blocks or more.
-GPU_SCORE_BLOCK_BYTES = 256 << 20
+# --- the PyTorch tiers' untuned blocks, per class of device -----------------------------------------------------
+
+@dataclass(frozen=True)
+class TierDefaults:
+    """What an untuned PyTorch tier gets on one class of device (a row of ``TIER_TABLE``)."""
+
+    block_m: int  # query rows a block, without causal masking
+    causal_block_m: int  # with it: a block skips the keys past its last row, so shorter blocks skip more
+    streams: int  # torch_chunked's query blocks round-robin over this many streams (1: the caller's alone)
+    bf16_gemm: bool  # bf16 GEMMs run at the fp16 rate; False: bf16 input is computed in fp16 where the rules allow
+    basis: str  # where the figures come from: the measurement (bench/NOTES.md), or why they were reasoned
 
 
-def _sized_for_gpu(v: Variant, call: "Call") -> Variant:
-    """``v`` with its row block sized for the GPU the call runs on (a PyTorch tier whose block_m is still its
-    CPU-sized default), where the pruning keeps the result; ``v`` itself elsewhere."""
-    if v.kind != "torch" or call.q.device.type == "cpu" or v.params["block_m"] != v.spec.defaults["block_m"]:
+# One row per class of device (``device_class``). Only the "nvidia-hbm" row rests on measurements; the others are
+# reasoned from it and from the devices' facts, and say so: a tuned entry (``noflash-tune --families torch``, with
+# ``--native math`` where native has no fused kernel) overrides any of them for its bucket.
+TIER_TABLE: dict[str, TierDefaults] = {
+    "cpu": TierDefaults(256, 256, 1, True, "the families' own defaults, unchanged: a CPU call is not sized by this "
+                                           "table (the shipped CPU entries, tuned_configs/cpu-x86_64.json, take "
+                                           "64-512 rows by bucket)"),
+    "nvidia-hbm": TierDefaults(1024, 512, 2, True, "H200, native pinned to math, bf16 B=1 H=16 D=64 (bench/NOTES.md "
+                                                   "rounds 3-4): blocks under 512 rows 2-4x behind (launch-bound); "
+                                                   "1024 rows on two streams within 1% of the sweep's best (1.14 "
+                                                   "ms at 4k, 12.4 at 16k, from a CUDA graph, < 3% off eager at "
+                                                   "these blocks; T1 1.23, 13.2) in T1's memory; causal best at 512 "
+                                                   "rows (eager 0.84 ms at 4k, 8.90 at 16k; T1 2.44, 32.1)"),
+    "nvidia-gddr": TierDefaults(1024, 512, 1, True, "reasoned from nvidia-hbm: fewer SMs to fill, and one stream "
+                                                    "(the second bought 1-5% on the H200 for a second score buffer)"),
+    "nvidia-pre-ampere": TierDefaults(1024, 512, 1, False, "reasoned: no bf16 tensor cores before sm_80 (fp16 "
+                                                           "GEMMs on them from sm_70)"),
+    "amd-cdna": TierDefaults(1024, 512, 1, True, "reasoned from nvidia-hbm: HBM, 104-304 CUs; bf16 MFMA at the fp16 "
+                                                 "rate from gfx90a"),
+    "amd-cdna1": TierDefaults(1024, 512, 1, False, "reasoned: gfx908 (MI100) runs bf16 MFMA at half its fp16 rate"),
+    "amd-gcn": TierDefaults(1024, 512, 1, False, "reasoned: gfx906 (MI50/MI60) has no bf16 dot instructions (its "
+                                                 "packed fp16 dot runs at twice fp32), the case noflash-attention's "
+                                                 "T1 was written for; 16-32 GB of HBM2"),
+    "amd-rdna2": TierDefaults(512, 512, 1, False, "reasoned: RDNA 1/2 have no matrix units and no bf16 dot; "
+                                                  "40-80 CUs and 8-16 GB of GDDR6"),
+    "amd-rdna3": TierDefaults(512, 512, 1, True, "reasoned: WMMA takes fp16 and bf16 alike; 32-96 CUs"),
+    "gpu": TierDefaults(512, 512, 1, True, "a GPU none of the classes above describes: the smallest blocks that are "
+                                           "not launch-bound on the H200, one stream"),
+}
+# Every score buffer of an untuned tier together (each stream's, the backward's) holds at most this share of the
+# device's memory, where its driver says how much it has: 1/8 leaves the rest to the model, and the H200's row at
+# the issue's longest sequence (N=64k, B=1, H=16, fp16: 4 GiB on two streams) stays inside it (17.6 of 141 GB).
+TIER_MEMORY_SHARE = 8
+# A call whose whole score matrix (fp32, every head) is no larger than this runs as one block, whatever the table
+# says: split into the table's blocks, a small call is bound by its launches (an H200, fp32, B=1 H=8 L=S=2048:
+# 512-row causal blocks on two streams ran at 0.44-0.84x native's math path, one block at 1.19-1.66x; the table's
+# rows rest on calls of 1 GiB of scores and more, bench/results/h200-2026-12-03/mathonly.json).
+WHOLE_SCORES_BYTES = 256 << 20
+_HBM_SM = (80, 90, 100, 103)  # NVIDIA's HBM parts: A100, H100/H200, B200/B300
+
+
+def device_class(profile) -> str:
+    """The row of ``TIER_TABLE`` a device's profile (``device.DeviceProfile``) falls in."""
+    key = profile.key
+    if profile.vendor == "cpu":
+        return "cpu"
+    if profile.vendor == "nvidia" and key.startswith("sm_") and key[3:].isdigit():
+        cap = int(key[3:])
+        return "nvidia-pre-ampere" if cap < 80 else ("nvidia-hbm" if cap in _HBM_SM else "nvidia-gddr")
+    if profile.vendor == "amd" and key.startswith("gfx"):
+        if key == "gfx908":
+            return "amd-cdna1"
+        if key.startswith(("gfx90a", "gfx94", "gfx95")):
+            return "amd-cdna"
+        if key.startswith("gfx9"):
+            return "amd-gcn"
+        if key.startswith("gfx10"):
+            return "amd-rdna2"
+        if key.startswith(("gfx11", "gfx12")):
+            return "amd-rdna3"
+    return "gpu"
+
+
+def tier_defaults(call: "Call") -> TierDefaults:
+    """The ``TIER_TABLE`` row for the device ``call`` runs on (the CPU's for CPU tensors)."""
+    if call.q.device.type == "cpu":
+        return TIER_TABLE["cpu"]
+    return TIER_TABLE[device_class(_device.profile_of(call))]
+
+
+def _score_buffer_bytes(v: Variant, call: "Call") -> int:
+    """The score buffers ``v`` (a PyTorch tier) holds for ``call`` at once: one block of rows x keys per stream in a
+    forward; the scores, dP and a cast copy in a backward."""
+    p = v.params
+    cdt = compute_dtype(v, call.q.dtype)
+    half = cdt in (torch.float16, torch.bfloat16)
+    elt = 4 if half and p["accumulation"] == "fp32" else cdt.itemsize
+    rows = min(p["block_m"], call.L) * call.groups
+    cols = min(p.get("block_n", call.S), call.S)
+    copies = max(p.get("streams", 1), 3 if call.needs_grad else 1)
+    return copies * call.B * call.Hkv * rows * cols * elt
+
+
+def _sized_for_device(v: Variant, call: "Call") -> Variant:
+    """``v`` (a fitting default) as ``TIER_TABLE`` sizes it for the device the call runs on, where the pruning keeps
+    the result, else ``v``. A PyTorch tier whose row block is still its CPU-sized default gets the row's blocks
+    (causal or not) and streams, held to ``TIER_MEMORY_SHARE`` of the device's memory (streams dropped first, then
+    the rows halved); on a device without fast bf16 GEMMs, bf16 input is computed in fp16 (the bf16 values are
+    exact in fp16 up to its range; noflash-attention's T1 does the same everywhere), unless the precision rule or
+    another prunes that. Other families, and CPU calls, keep ``v``."""
+    if v.kind != "torch" or call.q.device.type == "cpu":
         return v
-    rows = max(32, GPU_SCORE_BLOCK_BYTES // max(1, call.B * call.H * call.S * 4))
-    rows = min(1 << (rows.bit_length() - 1), max(v.spec.space["block_m"]), pow2_ceil(call.L * call.groups))
-    change = {"block_m": max(rows, min(v.spec.space["block_m"]))}
-    if "streams" in v.params and -(-call.L // change["block_m"]) >= 2:
-        change["streams"] = 2
-    sized = v.replace(**change)
-    return sized if not prune_reason(sized, call) else v
+    row = tier_defaults(call)
+    space, p = v.spec.space, v.params
+    change: dict = {}
+    if p["block_m"] == v.spec.defaults["block_m"]:
+        per_row = call.B * call.H * call.S * 4  # one query row's fp32 scores, every head
+        if per_row * call.L <= WHOLE_SCORES_BYTES:  # all of them in one block: math's schedule, no launches between
+            rows = 1 << ((WHOLE_SCORES_BYTES // per_row).bit_length() - 1)
+        else:
+            rows = row.causal_block_m if call.causal else row.block_m
+        rows = max(min(space["block_m"]), min(rows, max(space["block_m"]), pow2_ceil(call.L * call.groups)))
+        change["block_m"] = rows
+        if "streams" in p and row.streams > 1 and -(-call.L // rows) >= 2:
+            change["streams"] = min(row.streams, -(-call.L // rows))
+    if not row.bf16_gemm and call.q.dtype == torch.bfloat16 and p.get("compute") == "input":
+        change["compute"] = "fp16"
+    memory = _device.profile_of(call).memory_bytes
+    attempts = [change, {k: x for k, x in change.items() if k != "compute"}] if "compute" in change else [change]
+    for attempt in attempts:
+        sized = v.replace(**attempt)
+        while memory and _score_buffer_bytes(sized, call) > memory // TIER_MEMORY_SHARE:
+            if sized.params.get("streams", 1) > 1:
+                sized = sized.replace(streams=1)
+            elif sized.params["block_m"] > min(space["block_m"]):
+                sized = sized.replace(block_m=sized.params["block_m"] // 2)
+            else:
+                break
+        if not prune_reason(sized, call):
+            return sized
+    return v
 
 
 def default_verdicts(call: "Call", families: list[str]):

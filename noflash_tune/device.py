@@ -135,14 +135,19 @@ def _cpu_flash_reasons(call) -> list[str]:
 def native_backend_reasons(backend: str, call) -> list[str]:
     """Why native SDPA pinned to ``backend`` cannot take ``call`` (empty: it can)."""
     dev = call.q.device.type
+    b = torch.backends.cuda
     if backend == "math":
-        return [] if torch.backends.cuda.math_sdp_enabled() else ["math backend disabled"]
+        return [] if b.math_sdp_enabled() else ["math backend disabled"]
     if dev == "cpu":
         if backend == "flash":
             return _cpu_flash_reasons(call)
         return [f"no {backend} kernel on CPU"]
     if dev != "cuda":
         return [f"no {backend} kernel on {dev}"]
+    enabled = {"flash": b.flash_sdp_enabled, "efficient": b.mem_efficient_sdp_enabled,
+               "cudnn": getattr(b, "cudnn_sdp_enabled", lambda: False)}.get(backend)
+    if enabled is not None and not enabled():  # sdpa_kernel / enable_*_sdp: native would not pick it either
+        return [f"{backend} backend disabled"]
     if not call.dense4d:
         return ["fused kernels need dense 4-D inputs with equal batch sizes"]
     check = {
@@ -187,6 +192,10 @@ class DeviceProfile:
     tma: bool = False  # bulk tensor copies through tensor maps (NVIDIA, compute capability 9.0 and later)
     wgmma: bool = False  # warpgroup MMAs (sm_90 only: Blackwell has other MMAs): what the Gluon families issue
     source: str = "profile"  # "profile": this table; "measured": a live device's driver corrected it; "conservative"
+    # Bytes of device memory: the driver's figure on a live device (live_profile), 0 (unknown) in this table, whose
+    # keys each cover cards of several sizes (sm_90: 80 GB H100s and 141 GB H200s). The PyTorch tiers' untuned row
+    # blocks are held to a share of it (noflash_tune.defaults).
+    memory_bytes: int = 0
 
     @property
     def gpu(self) -> bool:
@@ -264,14 +273,15 @@ def profile_for_key(key: str) -> DeviceProfile:
 
 
 def _measured_limits(index: int) -> dict:
-    """What the driver reports of GPU ``index``, as DeviceProfile fields: the shared memory one program may opt into
-    and the warp size, from torch's device properties (no Triton needed), else from Triton's driver; {} where
-    neither can say."""
+    """What the driver reports of GPU ``index``, as DeviceProfile fields: the shared memory one program may opt into,
+    the warp size and the device's memory, from torch's device properties (no Triton needed), else from Triton's
+    driver; {} where neither can say."""
     out = {}
     try:
         props = torch.cuda.get_device_properties(index)
         out["shared_memory_per_block"] = int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
         out["warp_size"] = int(getattr(props, "warp_size", 0) or 0)
+        out["memory_bytes"] = int(getattr(props, "total_memory", 0) or 0)
     except Exception:  # noqa: BLE001 - an older torch or no device: Triton's driver may still say
         pass
     if not out.get("shared_memory_per_block") or not out.get("warp_size"):
@@ -288,8 +298,8 @@ def _measured_limits(index: int) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def live_profile(index: int = 0) -> DeviceProfile:
-    """The profile of this machine's GPU ``index``: its key's, with the shared memory and warp size its driver
-    reports where it reports them."""
+    """The profile of this machine's GPU ``index``: its key's, with the shared memory, warp size and memory its
+    driver reports where it reports them."""
     base = profile_for_key(device_key(torch.device("cuda", index)))
     measured = _measured_limits(index)
     if not measured:

@@ -8,7 +8,8 @@ path, which upcasts fp16/bf16). Where native has only its math path on a GPU, th
 math in the input dtype without upcast, the largest error of its usual op orders.
 
 Timing follows Triton: ``triton.testing.do_bench`` on GPUs (median with 20/80 quantiles, L2 flushed between
-calls), ``torch.utils.benchmark`` on CPUs; a call that alone fills the timing budget is timed once more instead.
+calls; :func:`event_bench`, the same by hand, where Triton is absent), ``torch.utils.benchmark`` on CPUs; a
+call that alone fills the timing budget is timed once more instead.
 Peak memory: the CUDA allocator's peak, or on CPU the process's resident high-water mark reset through
 ``/proc/self/clear_refs`` (after ``malloc_trim``).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -306,6 +308,10 @@ def time_fn(fn, device, budget_ms: float = 300.0) -> Timing:
         if ms >= budget_ms:
             return Timing(ms=ms, p20=ms, p80=ms, samples=[ms])
     if cuda:
+        from .device import triton_available
+
+        if not triton_available():  # a GPU without Triton (the PyTorch tiers alone): the same method, by hand
+            return event_bench(fn, device, warmup_ms=max(10, budget_ms / 8), rep_ms=budget_ms)
         import triton.testing
 
         # do_bench: CUDA events, L2 flushed between calls, time-based warm-up and repetition.
@@ -319,6 +325,41 @@ def time_fn(fn, device, budget_ms: float = 300.0) -> Timing:
     times = sorted(t * 1000 for t in m.times)
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
     return Timing(ms=m.median * 1000, p20=q(0.2), p80=q(0.8), samples=times)
+
+
+L2_FLUSH_BYTES = 256 << 20  # as do_bench: more than any current GPU's last-level cache
+
+
+def event_bench(fn, device="cuda", warmup_ms: float = 25.0, rep_ms: float = 100.0) -> Timing:
+    """``triton.testing.do_bench``'s method without Triton (a GPU where it is absent: ROCm builds without it,
+    ``noflash-tune --families torch`` there): the call's time from five timed calls, then ``warmup_ms`` of
+    warm-up and ``rep_ms`` of calls, each between CUDA events after a write of ``L2_FLUSH_BYTES`` that evicts the
+    last-level cache; the median with the 20/80 quantiles, in ms."""
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    n = max(1, int(rep_ms / estimate))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in zip(starts, ends))
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return Timing(ms=statistics.median(times), p20=q(0.2), p80=q(0.8), samples=times)
 
 
 _libc = None

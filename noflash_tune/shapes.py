@@ -52,14 +52,39 @@ class Bucket:
 
     @classmethod
     def of(cls, call) -> "Bucket":
-        return cls(dtype=DTYPE_NAMES.get(call.q.dtype, str(call.q.dtype)), head_dim=call.E, head_dim_v=call.Ev,
-                   causal=call.causal, mask=call.mask_kind, gqa=call.groups, seq_q=pow2_ceil(call.L),
-                   seq_k=pow2_ceil(call.S), grad=call.needs_grad)
+        """The call's bucket: a :class:`FeatureBucket` where it uses features beyond SDPA (or bottom-right
+        alignment), so that no SDPA call's key changes and no SDPA entry serves a feature call."""
+        kw = dict(dtype=DTYPE_NAMES.get(call.q.dtype, str(call.q.dtype)), head_dim=call.E, head_dim_v=call.Ev,
+                  causal=call.causal, mask=call.mask_kind, gqa=call.groups, seq_q=pow2_ceil(call.L),
+                  seq_k=pow2_ceil(call.S), grad=call.needs_grad)
+        feats = tuple(getattr(call, "features", ())) + (("bottom_right",) if getattr(call, "bottom_right", False)
+                                                        else ())
+        if feats:
+            return FeatureBucket(**kw, features="+".join(feats))
+        return cls(**kw)
 
     def distance(self, other: "Bucket") -> float:
         """How far another bucket of the same family key is: log2 steps in sequence, then a GQA mismatch."""
         return (abs(math.log2(self.seq_q) - math.log2(other.seq_q)) + abs(math.log2(self.seq_k) - math.log2(other.seq_k))
                 + 2 * (self.gqa != other.gqa))
+
+
+@dataclass(frozen=True)
+class FeatureBucket(Bucket):
+    """The bucket of a call with features beyond SDPA (noflash_tune.attention's window, softcap, ALiBi; the KV
+    cache's per-sequence key lengths; bottom-right alignment), e.g. ``.../fwd/window+softcap``. Tuned config files
+    hold plain buckets only (their schema has no such field), so a feature call never matches an SDPA entry, not
+    even as the nearest one: ``features`` is part of its key and of its family key."""
+
+    features: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{super().key}/{self.features}"
+
+    @property
+    def family_key(self) -> tuple:
+        return super().family_key + (self.features,)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ distributed runs without running kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -51,6 +52,27 @@ def _over_cap(peak: int, cap: int) -> dict:
     return {"status": "pruned_cap", "peak_bytes": peak, "reason": f"peak {peak / 2**20:.1f} MiB > cap {cap / 2**20:.1f} MiB"}
 
 
+@contextlib.contextmanager
+def _memory_capped(device, cap_bytes: int | None):
+    """On a GPU, the caching allocator held to what is allocated now (the trial's inputs) plus ``cap_bytes`` while
+    a trial's peak is measured: a variant that needs more runs out of memory at once (``pruned_cap``) instead of
+    taking the device's memory past the cap first (``--vram-cap 16`` on a 141 GB GPU: native math at 32k asks for
+    64 GiB of scores). Elsewhere, or without a cap, nothing changes."""
+    dev = torch.device(device)
+    if cap_bytes is None or dev.type != "cuda":
+        yield
+        return
+    index = dev.index if dev.index is not None else torch.cuda.current_device()  # the calls below need one
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.empty_cache()
+    limit = torch.cuda.memory_allocated(index) + cap_bytes
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
+
+
 def run_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, budget_ms: float) -> dict:
     """Accuracy, then peak memory against the cap, then time. Returns a JSON-able result."""
     from . import measure
@@ -61,7 +83,8 @@ def run_trial(variant: Variant, shape: Shape, device, cap_bytes: int | None, bud
         if not acc.ok:
             return {"status": "pruned_accuracy", "reason": _accuracy_reason(acc)}
         runner = measure.make_runner(variant, shape, device)
-        peak = measure.peak_extra_bytes(runner, device)
+        with _memory_capped(device, cap_bytes):
+            peak = measure.peak_extra_bytes(runner, device)
         if peak is None:  # no way to measure it here: the analytic workspace model stands in
             from .runtime.fallback import workspace_bytes
 
@@ -172,35 +195,43 @@ def synthetic_trial(variant: Variant, shape: Shape, device, cap_bytes: int | Non
     return {"status": "ok", "ms": ms, "p20": ms, "p80": ms, "peak_bytes": peak}
 
 
-def _worker_main(conn, device: str):
+def _worker_main(conn, device: str, native: str = "all"):
+    from .runtime.native import pinning
+
     torch.manual_seed(0)
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            return
-        vid, shape_json, cap, budget = msg
-        res = run_trial(variant_from_id(vid), Shape(**shape_json), device, cap, budget)
-        if torch.device(device).type == "cuda":
-            res["resident_bytes"] = torch.cuda.memory_reserved()
-        conn.send(res)
+    with pinning(native):  # the whole life of the worker: every trial measures in the run's native
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                return
+            vid, shape_json, cap, budget = msg
+            res = run_trial(variant_from_id(vid), Shape(**shape_json), device, cap, budget)
+            if torch.device(device).type == "cuda":
+                res["resident_bytes"] = torch.cuda.memory_reserved()
+            conn.send(res)
 
 
 class TrialRunner:
     """Runs trials in a child process (spawned once, reused), restarted after a timeout or a crash."""
 
     def __init__(self, device: str, in_process: bool = False, timeout_s: float = 300.0, objective: str = "measure",
-                 sleep_ms: float = 0.0):
+                 sleep_ms: float = 0.0, native: str = "all"):
+        from .runtime.native import PINNINGS
+
         self.device, self.in_process, self.timeout_s = device, in_process, timeout_s
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if native not in PINNINGS:
+            raise ValueError(f"native must be one of {PINNINGS}, got {native!r}")
         self.objective, self.sleep_ms = objective, sleep_ms  # sleep_ms: the synthetic objective's stand-in run time
+        self.native = native  # "math": trials run with native's fused backends off (runtime.native.math_only)
         self.proc = None
         self.conn = None
 
     def _start(self):
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, self.device), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, self.device, self.native), daemon=True)
         self.proc.start()
         self.conn = parent
 
@@ -208,7 +239,10 @@ class TrialRunner:
         if self.objective == "synthetic":  # nothing is launched: no worker process needed
             return synthetic_trial(variant, shape, self.device, cap, self.sleep_ms)
         if self.in_process:
-            return run_trial(variant, shape, self.device, cap, budget_ms)
+            from .runtime.native import pinning
+
+            with pinning(self.native):
+                return run_trial(variant, shape, self.device, cap, budget_ms)
         if self.proc is None or not self.proc.is_alive():
             self._start()
         self.conn.send((variant_id(variant), shape.to_json(), cap, budget_ms))

@@ -84,8 +84,18 @@ def _inplace_reasons(call: "Call") -> list[str]:
     return _common_torch_reasons(call) + _inference_only_reasons(call)
 
 
+_FEATURE_NAMES = {"window": "window", "softcap": "softcap", "alibi": "ALiBi",
+                  "kv_lens": "per-sequence key lengths (a KV cache)"}
+
+
+def feature_reasons(call: "Call", who: str) -> list[str]:
+    """One reason per beyond-SDPA feature of ``call`` (window, softcap, ALiBi, per-sequence key lengths) for a
+    family that does not render it: only the PyTorch tiers do so far."""
+    return [f"{who} does not support {_FEATURE_NAMES.get(f, f)} yet" for f in call.features]
+
+
 def _triton_reasons(call: "Call") -> list[str]:
-    out = []
+    out = feature_reasons(call, "triton")
     if call.q.device.type != "cuda":
         out.append(f"Triton kernels run on CUDA/ROCm devices, not {call.q.device.type}")
     elif not _device.triton_available():
@@ -99,8 +109,15 @@ def _triton_reasons(call: "Call") -> list[str]:
     return out
 
 
+def _top_left_only_reasons(call: "Call") -> list[str]:
+    """The stored-score kernels render the causal pattern top-left only (templates/triton/_chunked.py.j2)."""
+    if call.causal and call.bottom_right and call.L != call.S:
+        return ["a bottom-right causal pattern (its stored-score kernels are top-left only)"]
+    return []
+
+
 def _triton_chunked_reasons(call: "Call") -> list[str]:
-    return _triton_reasons(call) + _inference_only_reasons(call)
+    return _triton_reasons(call) + _inference_only_reasons(call) + _top_left_only_reasons(call)
 
 
 def _triton_ws_reasons(call: "Call") -> list[str]:
@@ -108,12 +125,16 @@ def _triton_ws_reasons(call: "Call") -> list[str]:
 
 
 def _triton_chunked_ws_reasons(call: "Call") -> list[str]:
-    return _triton_reasons(call) + _inference_only_reasons(call) + resources.triton_chunked_ws_reasons(call)
+    return (_triton_reasons(call) + _inference_only_reasons(call) + _top_left_only_reasons(call)
+            + resources.triton_chunked_ws_reasons(call))
 
 
 def _native_reasons(backend: str) -> Callable[["Call"], list[str]]:
     def reasons(call: "Call") -> list[str]:
-        return _device.native_backend_reasons(backend, call)
+        out = feature_reasons(call, "native SDPA")
+        if call.causal and call.bottom_right and call.L != call.S:
+            out.append("native SDPA's is_causal is top-left, not bottom-right")
+        return out + _device.native_backend_reasons(backend, call)
 
     return reasons
 
@@ -137,6 +158,8 @@ def _torch_prune_reason(v: "Variant", call: "Call") -> str:
         return "keep_p=1 only changes a call that needs grad (the same forward otherwise)"
     if p.get("keep_p") and call.dropout_p > 0:
         return "keep_p=1 is not rendered with dropout (the backward needs the undropped P)"
+    if p.get("keep_p") and call.softcap is not None:
+        return "keep_p=1 is not rendered with softcap (the backward recomputes the scores' tanh)"
     if p.get("softmax") == "exp":
         why = _exp_softmax_reason(v, call)
         if why:
@@ -175,6 +198,8 @@ def _exp_softmax_reason(v: "Variant", call: "Call") -> str:
         return "softmax=exp is rendered as the fused softmax with dropout"
     if call.mask_kind == "float":
         return "softmax=exp is rendered as the fused softmax with a float mask"
+    if call.alibi is not None:
+        return "softmax=exp is rendered as the fused softmax with ALiBi"
     cdt = compute_dtype(v, call.q.dtype)
     if p["accumulation"] == "fp32" and cdt in (torch.float16, torch.bfloat16) and call.q.device.type == "cpu":
         cdt = torch.float32  # no fp32-output half GEMM on a CPU: the tier computes in fp32 (templates/torch/_blocks)

@@ -201,6 +201,22 @@ def test_verify_verdicts_follow_the_measurements(tmp_path, monkeypatch):
     assert rc == 1 and "+50% off" in out
 
 
+def test_verify_accuracy_holds_each_stored_variant_to_todays_rule(tmp_path):
+    """--accuracy runs the gate alone: a winner within the rule passes; a runner-up whose half-precision compute
+    cannot meet fp32 native's error (stored before the rule tightened, say) is flagged, and the exit says so."""
+    path = _one_entry_file(tmp_path, ours_ms=1.0, native_ms=2.0)
+    rc, out, _ = run_main(["verify", str(path), "--gpu", "cpu", "--accuracy"])
+    assert (rc, "0 of 1 variants flagged") == (0, out.strip().splitlines()[-1]), out
+
+    sh = Shape(B=1, H=2, L=128, E=32, dtype="fp32")
+    half = Variant("torch_chunked", block_m=64, compute="bf16")
+    e = configs.Entry(bucket=sh.bucket(), shape=sh, winner=Variant("torch_online", block_m=64, block_n=64), ms=1.0,
+                      tflops=0.1, peak_mib=1.0, runners_up=[(half, 1.1)], native=("flash", 2.0))
+    configs.write_file(path, configs.ConfigFile.new(configs.this_device_info("cpu"), entries=[e]), merge=False)
+    rc, out, _ = run_main(["verify", str(path), "--gpu", "cpu", "--accuracy"])
+    assert rc == 1 and "over the rule" in out and "1 of 2 variants flagged" in out, out
+
+
 def test_explain_prints_the_plan_for_a_shape():
     rc, out, _ = run_main(["explain", "-H", "4", "-L", "128", "-D", "32", "--gpu", "cpu"])
     assert rc == 0

@@ -14,6 +14,8 @@ from noflash_tune import Variant
 from noflash_tune.measure import check_accuracy
 from noflash_tune.runtime.native import original_sdpa
 
+from attention_inputs import random_qkv
+
 TIERS = ["torch_chunked", "torch_online", "torch_inplace"]
 
 
@@ -59,13 +61,8 @@ def test_tiers_match_math_under_the_2x_rule(B, Hkv, groups, L, S, E, ev_differs,
         causal = False
     if tier == "torch_inplace":
         grads = False
-    gen = torch.Generator().manual_seed(seed)
-    H = Hkv * groups
-    Ev = E // 2 if ev_differs else E
-    dt = torch.float64 if grads else torch.float32
-    q = torch.randn(B, H, L, E, generator=gen, dtype=dt)
-    k = torch.randn(B, Hkv, S, E, generator=gen, dtype=dt)
-    v = torch.randn(B, Hkv, S, Ev, generator=gen, dtype=dt)
+    q, k, v, gen = random_qkv(B, Hkv, groups, L, S, E, ev_differs, grads, seed)
+    H, Ev, dt = q.shape[1], v.shape[-1], q.dtype
     m = None if mask == "none" else _mask(mask, _mask_shape(mask_shape, B, H, L, S), dt, gen)
     if m is not None and m.dtype != torch.bool and grads:
         m.requires_grad_(True)

@@ -300,3 +300,22 @@ def test_the_register_estimate_says_spill_where_the_sm90_kernel_spills(E, tiles)
         assert fp.spills == (rep["local ld/st (spills)"] > 0), (tile, fp, rep)
         assert (fp.shared_memory <= H200.shared_memory_per_block) == (rep["shared KiB"] <= 227), (tile, fp, rep)
 
+
+
+def test_an_untuned_tier_runs_a_small_call_as_one_block_and_a_large_one_in_the_device_class_blocks():
+    """On a GPU a call whose whole fp32 score matrix fits defaults.WHOLE_SCORES_BYTES is one block (split into the
+    table's blocks it was launch-bound: 0.44x math at fp32 B=1 H=8 L=S=2048 causal on an H200); a larger one takes
+    its device class's rows, causal or not, on its streams."""
+    from noflash_tune.defaults import TIER_TABLE, WHOLE_SCORES_BYTES
+
+    prof = device.PROFILES["sm_90"]
+    small = Shape(B=1, H=8, Hkv=2, L=2048, S=2048, E=128, dtype="fp32", causal=True)
+    assert small.B * small.H * small.L * small.S * 4 <= WHOLE_SCORES_BYTES
+    v = default_for("torch_chunked", call_as_if_on(prof, small))
+    assert v.params["block_m"] >= small.L and v.params["streams"] == 1
+    row = TIER_TABLE["nvidia-hbm"]
+    for causal in (False, True):
+        large = Shape(B=1, H=16, L=16384, S=16384, E=64, dtype="fp16", causal=causal)
+        v = default_for("torch_chunked", call_as_if_on(prof, large))
+        assert v.params["block_m"] == (row.causal_block_m if causal else row.block_m)
+        assert v.params["streams"] == row.streams

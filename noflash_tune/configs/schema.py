@@ -23,6 +23,11 @@ One JSON file per device key (``sm_90.json``, ``gfx906.json``, ``cpu-x86_64.json
      ]
     }
 
+An entry tuned with native's fused backends switched off (``noflash-tune --native math``: as on a GPU without
+them) also holds ``"native_pinned": "math"``: its ``native`` is native's math path (null where math failed, out of
+memory say), so the runtime compares with it only where native has no fused kernel for the call, and passes the
+entry over elsewhere. Entries without the key (every file written before it) are read as before.
+
 ``vram_cap_gib`` is the cap every winner in the file respects (null: none). ``templates_hash`` covers every
 template that can serve on the device (:func:`~noflash_tune.configs.fingerprint.templates_hash_for`);
 ``family_templates`` holds, for each family that can serve there, the hash of the templates that family renders
@@ -191,6 +196,7 @@ class Entry:
     runners_up: list = field(default_factory=list)  # list[tuple[Variant, float]], sorted by (ms, str(variant))
     native: tuple | None = None  # (backend, ms)
     trials: dict = field(default_factory=_empty_trials)
+    native_pinned: str | None = None  # "math": tuned with native's fused backends off (see the module's docstring)
     stale: str = field(default="", compare=False)
     source: Path | None = field(default=None, compare=False)
     device: DeviceInfo | None = field(default=None, compare=False, repr=False)
@@ -205,6 +211,12 @@ class Entry:
     def key(self) -> str:
         return self.bucket.key
 
+    def usable_with(self, native_fused) -> bool:
+        """Whether this entry's comparison with native holds for a call whose native fused backends are
+        ``native_fused``: always, unless it was tuned with them switched off (``native_pinned``) and the call has
+        some (its ``native`` time is then math's, which that call would not get)."""
+        return not (self.native_pinned and native_fused)
+
     def to_json(self) -> dict:
         return {
             "bucket": self.bucket.to_json(),
@@ -216,6 +228,7 @@ class Entry:
             "runners_up": [{"variant": v.to_json(), "ms": float(ms)} for v, ms in self.runners_up],
             "native": None if self.native is None else {"backend": self.native[0], "ms": float(self.native[1])},
             "trials": dict(self.trials),
+            **({"native_pinned": self.native_pinned} if self.native_pinned else {}),
         }
 
 

@@ -29,6 +29,7 @@ from .schema import (_CONTROL, _FORBIDDEN, DTYPES, SCHEMAS_READ, TRIAL_KEYS, Con
 
 MAX_RUNNERS_UP = 64
 MAX_FAMILIES = 64
+PINNED_NATIVES = ("math",)  # what an entry's "native_pinned" may say: the native backend its run was pinned to
 
 _MAX_DIM = 1 << 22
 _MAX_FLOAT = 1e15
@@ -211,7 +212,11 @@ def _member(d: dict, where: str) -> Variant:
 def _entry(v: Any, where: str, dropped: list, strict: bool) -> Entry:
     """Validate one entry. Raises ConfigError (malformed or hostile) or _OutOfSpace (winner not a member; with
     ``strict``, any runner-up not a member either; else such runners-up are dropped and listed in ``dropped``)."""
-    d = _obj(v, where, ("bucket", "shape", "winner", "ms", "tflops", "peak_mib", "runners_up", "native", "trials"))
+    keys = ("bucket", "shape", "winner", "ms", "tflops", "peak_mib", "runners_up", "native", "trials")
+    d = _obj(v, where, keys + (("native_pinned",) if type(v) is dict and "native_pinned" in v else ()))
+    pinned = d.get("native_pinned")
+    if pinned is not None and pinned not in PINNED_NATIVES:
+        _fail(f"{where}.native_pinned", f"expected one of {list(PINNED_NATIVES)}, got {_short(pinned)}")
     bucket = _bucket(d["bucket"], f"{where}.bucket")
     shape = _shape(d["shape"], f"{where}.shape")
     if shape.bucket() != bucket:
@@ -250,8 +255,10 @@ def _entry(v: Any, where: str, dropped: list, strict: bool) -> Entry:
             if strict:
                 raise
             dropped.append((bucket.key, f"runner-up dropped: {exc}"))
+    if pinned is not None and native is not None and native[0] != pinned:
+        _fail(f"{where}.native", f"native {native[0]!r} timed in a run pinned to {pinned!r}")
     return Entry(bucket=bucket, shape=shape, winner=winner, ms=ms, tflops=tflops, peak_mib=peak,
-                 runners_up=runners, native=native, trials=trials)
+                 runners_up=runners, native=native, trials=trials, native_pinned=pinned)
 
 
 def parse(data: object, *, source: Path | str | None = None, warn: bool = True) -> ConfigFile:

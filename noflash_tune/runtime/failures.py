@@ -77,6 +77,10 @@ def forget() -> None:
         _failed.clear()
 
 
+def remembered_any() -> bool:
+    return bool(_failed)
+
+
 def remembered() -> dict[tuple, str]:
     """A copy of the failures remembered so far: {(variant, bucket key): why}."""
     with _lock:

@@ -22,7 +22,7 @@ from ..defaults import default_for
 from ..variants import FAMILIES, TIER_ORDER, Variant, compute_dtype, prune_reason
 from . import capture, kernels, settings
 from .autograd import ChainAttention
-from .failures import OutOfMemoryError, bucket_key, failure_of, is_fatal, is_oom, remember
+from .failures import OutOfMemoryError, bucket_key, failure_of, is_fatal, is_oom, remember, remembered_any
 from .native import run_native
 
 log = logging.getLogger("noflash_tune")
@@ -169,7 +169,7 @@ def run_chain(chain: list[Variant], call, cap_bytes: int | None = None) -> tuple
     """Try each variant in order; returns (output, the variant that ran, [(variant, why it was skipped)]). Raises
     :class:`NoVariantRan` when none could run (the caller decides whether native serves), or the fatal error."""
     tried: list[tuple[Variant, str]] = []
-    bucket = bucket_key(call)
+    bucket = bucket_key(call) if remembered_any() else None  # a key string per call only once something failed
     for i, v in enumerate(chain):
         why = _skip_reason(v, call, cap_bytes, bucket)
         if why:

@@ -32,8 +32,14 @@ class Saved:
 
 
 def spec_of(call) -> Specialization:
-    return Specialization(causal=call.causal, mask=call.mask_kind, gqa=call.groups > 1, dropout=call.dropout_p > 0,
-                          causal_bottom_right=bool(call.causal and call.bottom_right))
+    return Specialization.of(call)
+
+
+def _feature_kwargs(variant: Variant, call) -> dict:
+    """The extra argument of a PyTorch tier rendered with features (window, softcap, ALiBi, per-batch key lengths,
+    a bottom-right causal pattern): the call's ``contract.FeatureArgs``. The Triton families take none (their
+    reasons refuse the features; a bottom-right causal pattern is one of their template flags)."""
+    return {"feat": call.feature_args()} if variant.kind == "torch" and spec_of(call).features else {}
 
 
 def draw_seed(variant: Variant, device, dropout_p: float):
@@ -81,7 +87,8 @@ def forward(variant: Variant, call, keep: bool, seed=None) -> tuple[torch.Tensor
         seed = torch.tensor([seed], dtype=torch.int64, device=call.q.device)
     mseed = seed if variant.kind == "triton" else _host_seed(seed)
     want = keep and needs_lse(variant, fwd)
-    out, residual = fwd.forward(call.q, call.k, call.v, call.mask, float(call.scale), p, mseed, want)
+    out, residual = fwd.forward(call.q, call.k, call.v, call.mask, float(call.scale), p, mseed, want,
+                                **_feature_kwargs(variant, call))
     return out, (Saved(variant, residual, seed) if keep else None)
 
 
@@ -91,4 +98,5 @@ def backward(saved: Saved, call, out, dout, mask_grad: bool):
     _, bwd = modules(variant, call)
     seed = saved.seed if variant.kind == "triton" else _host_seed(saved.seed)
     return bwd.backward(call.q, call.k, call.v, call.mask, out, saved.residual, dout, float(call.scale),
-                        float(call.dropout_p), seed, mask_grad and variant.kind == "torch")
+                        float(call.dropout_p), seed, mask_grad and variant.kind == "torch",
+                        **_feature_kwargs(variant, call))

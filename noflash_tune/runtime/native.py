@@ -31,6 +31,36 @@ def pinned(backend: str | None):
     return sdpa_kernel([_backend_enum(backend)])
 
 
+# --- math only: native as on a GPU without fused kernels ----------------------------------------------------------
+
+PINNINGS = ("all", "math")  # what ``noflash-tune --native`` takes: native as it is, or its math path alone
+
+
+def math_only():
+    """A context in which native SDPA has its math path alone: every fused backend (flash, efficient, cuDNN; on a
+    CPU its flash kernel) switched off process-wide, as on a GPU whose torch build has none. Inside it
+    ``call.native_fused`` is empty, so the precision rule and the accuracy gate take math as the reference and the
+    tuner times native:math only (``noflash-tune --native math``)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def pinning(native: str):
+    """The context for a ``--native`` choice: :func:`math_only` for "math", else nothing."""
+    if native not in PINNINGS:
+        raise ValueError(f"native must be one of {PINNINGS}, got {native!r}")
+    return math_only() if native == "math" else contextlib.nullcontext()
+
+
+def fused_switched_off() -> bool:
+    """Whether this process has every fused backend switched off and math on (:func:`math_only`, or the user's own
+    ``sdpa_kernel``/``enable_*_sdp``): native measurements taken now are of its math path alone."""
+    b = torch.backends.cuda
+    fused = (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), getattr(b, "cudnn_sdp_enabled", lambda: False)())
+    return b.math_sdp_enabled() and not any(fused)
+
+
 def native_choice(q, k, v, mask, dropout_p, causal, scale, enable_gqa) -> str | None:
     """The backend native SDPA itself picks for these arguments (None where torch cannot say)."""
     choose = getattr(torch, "_fused_sdp_choice", None)

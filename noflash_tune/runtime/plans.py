@@ -246,7 +246,10 @@ def build_plan(call: contract.Call) -> Plan:
         return native("native", "no noflash-tune family supports this call")
 
     cs = configs_for(call.q.device)
-    found = cs.lookup(bucket) if cs is not None else None
+    # An entry tuned with native pinned to math (--native math) holds only where native has no fused kernel for
+    # the call: elsewhere its comparison was with a path native would not take (NOFLASH_TUNE_FORCE serves ours
+    # whatever native would do, so its winner stands there).
+    found = cs.lookup(bucket, lambda e: force or e.usable_with(native_fused)) if cs is not None else None
     if found is not None:
         entry, how = found
         where = f"{how} bucket {entry.bucket.key}"

@@ -68,7 +68,13 @@ def tune(shapes: list[Shape], opts: TuneOptions, console=None,
          on_result: Callable[[BucketResult], None] | None = None) -> list[BucketResult]:
     """Search and crown every shape (a rich progress bar per shape); returns the results in shape order.
     ``on_result`` is called with each shape's result as soon as it is crowned (the CLI writes it to the config
-    file then, so a run killed later keeps every bucket it finished)."""
+    file then, so a run killed later keeps every bucket it finished). With ``opts.native == "math"`` the whole run,
+    its trial processes too, sees native's math path alone."""
+    with opts.native_context():
+        return _tune(shapes, opts, console, on_result)
+
+
+def _tune(shapes, opts, console, on_result):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import optuna
 
+from ..runtime.native import fused_switched_off
 from ..shapes import Shape
 from ..trials import TrialRunner, variant_from_id
 from .candidates import Candidates
@@ -100,6 +101,10 @@ def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidate
                    if native_best else None),
         "trials": {k: counts[k] for k in ("complete", "pruned_cap", "pruned_accuracy", "failed")},
     }
+    if fused_switched_off():
+        # Measured as on a GPU without fused kernels (--native math): "native" (or its absence, where math ran out
+        # of memory) says nothing about a device whose fused kernels take the call, and the runtime knows it.
+        entry["native_pinned"] = "math"
     return BucketResult(shape=shape, entry=entry, counts=counts)
 
 

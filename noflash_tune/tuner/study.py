@@ -39,10 +39,14 @@ def study_name(device_key: str, shape: Shape, device, families: tuple[str, ...] 
     instead of failing to resume the old one."""
     from .. import configs
 
+    from ..runtime.native import fused_switched_off
+
     s = shape
     shape_key = f"B{s.B}H{s.H}kv{s.Hkv}L{s.L}S{s.S}E{s.E}Ev{s.Ev}"
+    native = "/native-math" if fused_switched_off() else ""  # --native math: its own study, never resumed unpinned
     return (f"noflash-tune/{device_key}/{shape.bucket().key}/{shape_key}/space-{variants.space_hash()}"
-            f"/templates-{configs.templates_hash_for(device_key)}/cands-{_kept_hash(shape, str(device), families)}")
+            f"/templates-{configs.templates_hash_for(device_key)}/cands-{_kept_hash(shape, str(device), families)}"
+            f"{native}")
 
 
 def _structured_params(trial: optuna.Trial, families: dict[str, list[Variant]]) -> Variant:

@@ -32,6 +32,11 @@ def _search_worker(index: int, n_workers: int, shapes_json: list[dict], opts_jso
         os.environ.setdefault("HIP_VISIBLE_DEVICES", str(index))
     opts = TuneOptions(**opts_json)
     opts.seed = opts.seed + index
+    with opts.native_context():
+        _search_shapes(opts, n_workers, shapes_json, deadline_wall)
+
+
+def _search_shapes(opts: TuneOptions, n_workers: int, shapes_json: list[dict], deadline_wall: float | None):
     storage = open_storage(opts.storage)
     deadline = None if deadline_wall is None else time.monotonic() + (deadline_wall - time.time())
     warmer = opts.warmer(share=n_workers)
@@ -49,6 +54,11 @@ def _search_worker(index: int, n_workers: int, shapes_json: list[dict], opts_jso
 def tune_parallel(shapes: list[Shape], opts: TuneOptions, workers: int, console=None) -> list[BucketResult]:
     """``--workers N``: N processes (one per visible GPU) share each shape's study through the storage; this
     process then crowns the winners. The storage must be shared: the journal file (one host) or an RDB URL."""
+    with opts.native_context():  # the study names and the crowning, as the workers see native
+        return _tune_parallel(shapes, opts, workers, console)
+
+
+def _tune_parallel(shapes: list[Shape], opts: TuneOptions, workers: int, console=None) -> list[BucketResult]:
     from dataclasses import asdict
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
