@@ -107,7 +107,7 @@ def _serve(call: contract.Call, variant: Variant | None, originals: tuple) -> Te
         if why:
             raise RuntimeError(f"{variant} cannot serve this call: " + "; ".join(why))
         return fallback.run_variant(variant, call).reshape(call.out_shape)
-    plan = plan_features(call)
+    plan = plans.memo(call, ("features", call.features, call.kv_lens is not None), plan_features)
     if plan.variant is None:
         raise RuntimeError(f"noflash-tune cannot serve this call: {plan.reason}; " + "; ".join(
             f"{name}: {', '.join(why)}" for name, why in plan.rejected.items()))

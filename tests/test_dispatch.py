@@ -68,8 +68,44 @@ def test_a_known_route_probes_nothing_and_validates_nothing_per_call(rt):
     for _ in range(3):
         out = F.scaled_dot_product_attention(*large)
     torch.testing.assert_close(out, math(*large), atol=1e-5, rtol=1e-5)
-    assert counts == {}  # ours validates (the contract's own checks) but probes nothing
-    assert len(normalized) == 3
+    assert counts == {}  # ours probes nothing
+    assert normalized == []  # and, in the common form (4-D, no mask), takes its Call from the route's first call
+    masked = (*large, rnd(1, 1, 2048, 2048, seed=3) > 0)
+    F.scaled_dot_product_attention(*masked)
+    normalized.clear()
+    for _ in range(2):
+        F.scaled_dot_product_attention(*masked)
+    assert len(normalized) == 2  # a mask's views are made per call, by the contract
+
+
+def test_a_known_route_of_ours_gives_the_full_paths_results_and_keeps_natives_type_errors(rt):
+    """The common-form calls of a route served by ours (Call from the route's first call) compute what a fresh
+    route computes: new values, another explicit scale, gradients on or off, GQA; a flag of the wrong type still
+    raises native's TypeError."""
+    rt.setenv("NOFLASH_TUNE_FORCE", "1")
+    shapes = [((1, 4, 300, 32), (1, 4, 300, 32), (1, 4, 300, 16), {}),
+              ((2, 8, 64, 32), (2, 2, 64, 32), (2, 2, 64, 32), {"enable_gqa": True, "is_causal": True})]
+    for sq, sk, sv, kw in shapes:
+        # One route per (grad, sign of the scale): its first call is normalised, the next ones take its form.
+        runs = [(g, sc) for g in (False, True) for sc in (None, 0.3, None, 0.7)] + [(False, -0.5), (False, -0.2)]
+        for i, (grads, scale) in enumerate(runs):
+            q, k, v = rnd(*sq, seed=10 + i), rnd(*sk, seed=20 + i), rnd(*sv, seed=30 + i)
+            for t in (q, k, v):
+                t.requires_grad_(grads)
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
+            assert not noflash_tune.explain(q, k, v, scale=scale, **kw).serves_native
+            ref = math(*(t.detach().requires_grad_(grads) for t in (q, k, v)), scale=scale, **kw)
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+            if grads:
+                g = rnd(*out.shape, seed=99)
+                ours_g = torch.autograd.grad(out, (q, k, v), g)
+                qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+                ref_g = torch.autograd.grad(math(qq, kk, vv, scale=scale, **kw), (qq, kk, vv), g)
+                for a, b in zip(ours_g, ref_g):
+                    torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+        q, k, v = rnd(*sq), rnd(*sk), rnd(*sv)
+        with pytest.raises(TypeError, match="is_causal"):
+            F.scaled_dot_product_attention(q, k, v, **{**kw, "is_causal": int(kw.get("is_causal", False))})
 
 
 def test_each_length_in_a_bucket_reuses_the_plan_and_lengths_only_add_routes(rt):

@@ -182,6 +182,30 @@ def test_the_default_plan_serves_features_with_a_tier_and_explain_names_them():
     assert "triton does not support window yet" in text and "native SDPA does not support ALiBi yet" in text
 
 
+def test_a_feature_calls_plan_is_made_once_per_bucket_and_again_after_clear_cache(monkeypatch):
+    """A model calls attention() with a window in every layer: the plan (the families' reasons, the fitting default,
+    the chain) is made on the first call of a bucket, not on every call; other window sizes in the same bucket reuse
+    it, another feature is another plan, and clear_cache() forgets them."""
+    from noflash_tune import extras
+
+    made = []
+    real = extras.plan_features
+    monkeypatch.setattr(extras, "plan_features", lambda call: made.append(call.features) or real(call))
+    noflash_tune.clear_cache()
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=gen) for _ in range(3))
+    first = noflash_tune.attention(q, k, v, window=(4, 0))
+    for left in (4, 4, 6):
+        out = noflash_tune.attention(q, k, v, window=(left, 0))
+    torch.testing.assert_close(first.double(), reference(q, k, v, window=(4, 0)), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.double(), reference(q, k, v, window=(6, 0)), atol=2e-5, rtol=2e-5)
+    assert made == [("window",)]
+    noflash_tune.attention(q, k, v, softcap=5.0)
+    noflash_tune.clear_cache()
+    noflash_tune.attention(q, k, v, window=(4, 0))
+    assert made == [("window",), ("softcap",), ("window",)]
+
+
 def test_feature_free_calls_keep_their_bucket_key_and_a_feature_bucket_matches_no_sdpa_entry():
     q, k, v = (torch.randn(1, 2, 100, 16) for _ in range(3))
     plain = contract.normalize(q, k, v, None, 0.0, True)

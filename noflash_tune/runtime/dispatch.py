@@ -17,6 +17,7 @@ custom op (runtime/ops.py). Device facts, probes and config loading happen only 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 import torch
@@ -192,10 +193,28 @@ def _run_ours(chain, call, device_type):
 
 
 def _ours_route(plan: Plan):
+    """Our chain for a route's calls. The first call is validated and normalised in full; where it was the common
+    form (4-D q/k/v used as they are, no mask, no autocast), its later calls, whose metadata the route key says is
+    the same, skip both and get their Call from that first call's scalars (no tensor of it is kept)."""
     chain = plan.chain
+    form = None  # (groups, out_shape, enable_gqa, E) of the route's common-form calls
 
     def ours(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
+        nonlocal form
+        if form is not None and mask is None and type(is_causal) is bool and type(enable_gqa) is bool \
+                and not _any_autocast():
+            groups, out_shape, gqa, E = form
+            call = contract.Call(
+                q=q, k=k, v=v, mask=None, mask_kind="none", dropout_p=float(dropout_p), causal=is_causal,
+                scale=float(scale) if scale is not None else (1.0 / math.sqrt(E) if E > 0 else 1.0),
+                groups=groups, out_shape=out_shape, enable_gqa=gqa,
+                needs_grad=_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad), dense4d=True,
+                original=(q, k, v, None, dropout_p, is_causal, scale, enable_gqa))
+            return _run_ours(chain, call, q.device.type)
         call = _normalized(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
+        if (call.dense4d and mask is None and call.q is q and call.k is k and call.v is v and not call.trivial
+                and not _any_autocast()):
+            form = (call.groups, call.out_shape, call.enable_gqa, q.size(-1))
         return _run_ours(chain, call, q.device.type)
     return ours
 
@@ -289,14 +308,19 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *
     return plan
 
 
+def _unasked_variant(call) -> Variant | None:
+    """The variant :func:`attention` runs where none is given: the first supporting family's fitting default."""
+    names = [n for n in plans.families_in_order(call) if not FAMILIES[n].reasons(call)]
+    return default_variant(call, names) if names else None
+
+
 def attention(query, key, value, variant: Variant | None = None, **sdpa_kwargs):
     """Run one chosen variant (no fallback, no native): for tests, benchmarks and users who know best."""
     call = contract.normalize(query, key, value, **sdpa_kwargs)
     if call.trivial:
         return call.zeros_result((query, key, value, sdpa_kwargs.get("attn_mask")))
     if variant is None:
-        names = [n for n in plans.families_in_order(call) if not FAMILIES[n].reasons(call)]
-        variant = default_variant(call, names) if names else None
+        variant = plans.memo(call, ("attention",), _unasked_variant)
         if variant is None:
             raise RuntimeError("no noflash-tune family supports this call")
     why = FAMILIES[variant.family].reasons(call)

@@ -35,11 +35,11 @@ def spec_of(call) -> Specialization:
     return Specialization.of(call)
 
 
-def _feature_kwargs(variant: Variant, call) -> dict:
+def _feature_kwargs(variant: Variant, call, spec: Specialization) -> dict:
     """The extra argument of a PyTorch tier rendered with features (window, softcap, ALiBi, per-batch key lengths,
     a bottom-right causal pattern): the call's ``contract.FeatureArgs``. The Triton families take none (their
     reasons refuse the features; a bottom-right causal pattern is one of their template flags)."""
-    return {"feat": call.feature_args()} if variant.kind == "torch" and spec_of(call).features else {}
+    return {"feat": call.feature_args()} if variant.kind == "torch" and spec.features else {}
 
 
 def draw_seed(variant: Variant, device, dropout_p: float):
@@ -55,9 +55,10 @@ def _host_seed(seed):
     return int(seed.item()) if isinstance(seed, torch.Tensor) else (seed or 0)
 
 
-def modules(variant: Variant, call):
-    """(forward module, backward module or None) of ``variant`` specialised for ``call``."""
-    spec = spec_of(call)
+def modules(variant: Variant, call, spec: Specialization | None = None):
+    """(forward module, backward module or None) of ``variant`` specialised for ``call`` (``spec``: its
+    specialisation, where the caller made it already)."""
+    spec = spec or spec_of(call)
     if variant.kind == "triton":
         capture.guard_triton_compiles()
         fwd = codegen.load(variant, spec, 0)
@@ -75,7 +76,8 @@ def needs_lse(variant: Variant, fwd_mod) -> bool:
 def forward(variant: Variant, call, keep: bool, seed=None) -> tuple[torch.Tensor, Saved | None]:
     """(out (B, H, L, Ev) in q's dtype, what the backward needs or None when ``keep`` is False). ``seed``: the
     dropout seed to use (a device tensor or a host int), drawn here when None."""
-    fwd, bwd = modules(variant, call)
+    spec = spec_of(call)
+    fwd, bwd = modules(variant, call, spec)
     if keep and bwd is None:
         raise RuntimeError(f"{variant.family} is inference only")
     if keep and variant.kind == "triton" and call.mask is not None and call.mask.requires_grad:
@@ -88,15 +90,16 @@ def forward(variant: Variant, call, keep: bool, seed=None) -> tuple[torch.Tensor
     mseed = seed if variant.kind == "triton" else _host_seed(seed)
     want = keep and needs_lse(variant, fwd)
     out, residual = fwd.forward(call.q, call.k, call.v, call.mask, float(call.scale), p, mseed, want,
-                                **_feature_kwargs(variant, call))
+                                **_feature_kwargs(variant, call, spec))
     return out, (Saved(variant, residual, seed) if keep else None)
 
 
 def backward(saved: Saved, call, out, dout, mask_grad: bool):
     """(dq, dk, dv, dmask or None) of the variant that ran the forward, from what it kept."""
     variant = saved.variant
-    _, bwd = modules(variant, call)
+    spec = spec_of(call)
+    _, bwd = modules(variant, call, spec)
     seed = saved.seed if variant.kind == "triton" else _host_seed(saved.seed)
     return bwd.backward(call.q, call.k, call.v, call.mask, out, saved.residual, dout, float(call.scale),
                         float(call.dropout_p), seed, mask_grad and variant.kind == "torch",
-                        **_feature_kwargs(variant, call))
+                        **_feature_kwargs(variant, call, spec))

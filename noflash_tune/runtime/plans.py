@@ -299,10 +299,17 @@ def build_plan(call: contract.Call) -> Plan:
 
 
 def plan_for(call: contract.Call) -> Plan:
-    key = plan_key(call)
+    return memo(call, (), build_plan)
+
+
+def memo(call: contract.Call, tag: tuple, build):
+    """``build(call)``, made once per (``tag``, :func:`plan_key`) and kept with the plans (``clear()`` forgets it):
+    the SDPA plan (tag ``()``), and the other decisions that depend on no more than a plan does (the variant
+    ``attention()`` runs unasked, the plan of a call with features)."""
+    key = (tag, plan_key(call))
     plan = _plans.get(key)
     if plan is None:
-        plan = build_plan(call)
+        plan = build(call)
         with _lock:
             if len(_plans) > 4096:
                 _plans.clear()
