@@ -7,13 +7,16 @@ one process, and the graph breaks ``torch.compile`` sees with the patch on.
 Each row times N back-to-back calls (synchronised once before and once after, as a decode loop runs them) with the
 patch off, then on, round after round; per-call microseconds are reported as the median and the range over the
 rounds. The patched call's route is warmed first (its plan is made once; that first call is not what a model
-pays per token). The table is printed last; --out writes JSON rows: case, native_us, patched_us (medians),
-their ranges, breaks (graph breaks of one patched call under torch._dynamo.explain) and served_by.
+pays per token). Rows marked "ours (FORCE)" are served by our own tier or kernel (NOFLASH_TUNE_FORCE=1): what a
+route of ours costs against native. The table is printed last; --out writes JSON rows: case, native_us,
+patched_us (medians), their ranges, breaks (graph breaks of one patched call under torch._dynamo.explain) and
+served_by.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,6 +41,8 @@ def cases(device: str) -> list[dict]:
                  dtype=bf, kw=dict(enable_gqa=True), calls=2000),
             dict(case="prefill L=S=4096 H=32 D=128 bf16 causal", q=(1, 32, 4096, 128), kv=(1, 32, 4096, 128),
                  dtype=bf, kw=dict(is_causal=True), calls=200),
+            dict(case="ours (FORCE): decode L=1 S=4096 GQA 32/8 D=128 bf16", q=(1, 32, 1, 128),
+                 kv=(1, 8, 4096, 128), dtype=bf, kw=dict(enable_gqa=True), calls=1000, force=True),
         ]
     return [
         dict(case="L=1 S=64 H=8 D=64 fp32", q=(1, 8, 1, 64), kv=(1, 8, 64, 64), dtype=torch.float32, kw={},
@@ -46,6 +51,8 @@ def cases(device: str) -> list[dict]:
              dtype=torch.float32, kw=dict(enable_gqa=True), calls=500),
         dict(case="prefill L=S=4096 H=8 D=64 fp32 causal", q=(1, 8, 4096, 64), kv=(1, 8, 4096, 64),
              dtype=torch.float32, kw=dict(is_causal=True), calls=5),
+        dict(case="ours (FORCE): L=1 S=64 H=8 D=64 fp32", q=(1, 8, 1, 64), kv=(1, 8, 64, 64), dtype=torch.float32,
+             kw={}, calls=2000, force=True),
     ]
 
 
@@ -69,6 +76,24 @@ def graph_breaks(q, k, v, kw) -> int:
 
 
 def run_case(c: dict, device: str, rounds: int) -> dict:
+    """One row. A ``force`` row sets NOFLASH_TUNE_FORCE=1 for its own calls: the cost of a route served by ours
+    (our tier or kernel in place of native's, plus the dispatcher's work for such a route), not a pass-through's."""
+    if not c.get("force"):
+        return _run_case(c, device, rounds)
+    old = os.environ.get("NOFLASH_TUNE_FORCE")
+    os.environ["NOFLASH_TUNE_FORCE"] = "1"
+    noflash_tune.clear_cache()
+    try:
+        return _run_case(c, device, rounds)
+    finally:
+        if old is None:
+            os.environ.pop("NOFLASH_TUNE_FORCE", None)
+        else:
+            os.environ["NOFLASH_TUNE_FORCE"] = old
+        noflash_tune.clear_cache()
+
+
+def _run_case(c: dict, device: str, rounds: int) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(*c["q"], device=device, dtype=c["dtype"], generator=g)
     k = torch.randn(*c["kv"], device=device, dtype=c["dtype"], generator=g)
