@@ -67,7 +67,7 @@ from rich.table import Table  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import noflash_tune  # noqa: E402
-from noflash_tune import configs, device as devmod, paths  # noqa: E402
+from noflash_tune import configs, device as devmod, measure, paths  # noqa: E402
 from noflash_tune.runtime.fallback import is_oom, workspace_bytes  # noqa: E402
 from noflash_tune.runtime.native import math_only, original_sdpa  # noqa: E402
 from noflash_tune.shapes import Shape  # noqa: E402
@@ -175,27 +175,13 @@ def _sync(dev: str) -> None:
 def time_round(fn, dev: str, budget_ms: float) -> float:
     """One round of ``fn``: a warm-up call, then as many timed calls as fill ``budget_ms`` (at least 3, at most 50);
     their median in ms (CUDA events on a GPU, the wall clock on a CPU)."""
-    cuda = torch.device(dev).type == "cuda"
     _sync(dev)
     t0 = time.perf_counter()
     fn()
     _sync(dev)
     est = (time.perf_counter() - t0) * 1e3
     n = int(min(50, max(3, budget_ms / max(est, 1e-3))))
-    if cuda:  # events around each call, queued back to back as in a model (do_bench's way, no host sync between)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-        for a, b in events:
-            a.record()
-            fn()
-            b.record()
-        torch.cuda.synchronize()
-        return statistics.median(a.elapsed_time(b) for a, b in events)
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return measure.median_ms(fn, dev, n)
 
 
 def peak_mib(fn, dev: str) -> float | None:

@@ -152,23 +152,10 @@ class Runner:
 
     def median_ms(self, fn, reps: int) -> float:
         """The median of ``reps`` calls after one warm call: CUDA events on a GPU, the wall clock on a CPU."""
-        fn()
-        if self.device == "cpu":
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-            return statistics.median(times)
-        import torch
+        from noflash_tune import measure  # imported once the run's caches and dirs are set (see the top)
 
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in events)
+        fn()
+        return measure.median_ms(fn, self.device, reps)
 
 
 def _error(exc: BaseException) -> str:

@@ -242,6 +242,11 @@ def with_features(call: Call, *, window=None, softcap=None, alibi_slopes=None, b
     return call
 
 
+def default_scale(E: int) -> float:
+    """SDPA's scale where none is given: 1/sqrt(E); E == 0 gives 1 (every score is an empty sum, never scaled)."""
+    return 1.0 / math.sqrt(E) if E > 0 else 1.0
+
+
 def _check_bool_flag(name: str, value) -> bool:
     if type(value) is not bool:
         raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be bool, not {type(value).__name__}")
@@ -406,8 +411,7 @@ def normalize(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
         mask4 = m
         kind = "bool" if m.dtype == torch.bool else "float"
 
-    # E == 0: every score is an empty sum (0); native's 1/sqrt(0) never multiplies anything there.
-    scale_v = scale_f if scale_f is not None else (1.0 / math.sqrt(E) if E > 0 else 1.0)
+    scale_v = scale_f if scale_f is not None else default_scale(E)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, attn_mask))
     dense4d = (query.dim() == key.dim() == value.dim() == 4 and query.size(0) == key.size(0) == value.size(0)

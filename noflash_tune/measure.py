@@ -44,7 +44,7 @@ def math_attention(q, k, v, mask=None, causal=False, scale=None, enable_gqa=Fals
     if enable_gqa:
         k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)
         v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
-    sc = scale if scale is not None else (1.0 / math.sqrt(q.size(-1)) if q.size(-1) else 1.0)
+    sc = scale if scale is not None else contract.default_scale(q.size(-1))
     if order == "split":
         root = math.sqrt(abs(sc))
         s = (q * (root if sc >= 0 else -root)) @ (k * root).transpose(-1, -2)
@@ -191,7 +191,7 @@ def check_accuracy(run, q, k, v, mask=None, causal=False, scale=None, enable_gqa
         base_sets, what = math_bases(), math_what
 
     kk = ins_ref[1].repeat_interleave(q.size(-3) // k.size(-3), -3) if enable_gqa else ins_ref[1]
-    sc = scale if scale is not None else (1.0 / math.sqrt(q.size(-1)) if q.size(-1) else 1.0)
+    sc = scale if scale is not None else contract.default_scale(q.size(-1))
     max_logit = (abs(sc) * (ins_ref[0].detach() @ kk.detach().transpose(-1, -2)).abs().max().item()
                  if q.numel() and k.numel() else 0.0)
 
@@ -336,6 +336,26 @@ def time_fn(fn, device, budget_ms: float = 300.0) -> Timing:
     times = sorted(t * 1000 for t in m.times)
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
     return Timing(ms=m.median * 1000, p20=q(0.2), p80=q(0.8), samples=times)
+
+
+def median_ms(fn, device, n: int) -> float:
+    """The median of ``n`` calls of ``fn``, in ms, queued back to back as a model runs them: CUDA events around
+    each call on a GPU (no host sync between them, no cache flush), the wall clock around each on a CPU. What the
+    benchmarks time in their rounds (bench/untuned.py, bench/mathonly.py); the tuner's trials use :func:`time_fn`."""
+    if torch.device(device).type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(a.elapsed_time(b) for a, b in events)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
 
 
 L2_FLUSH_BYTES = 256 << 20  # as do_bench: more than any current GPU's last-level cache

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import Call
+from .contract import Call, default_scale
 from .device import DeviceProfile
 from .shapes import Shape
 from .variants import dtype_from_name
@@ -71,7 +71,7 @@ def call_as_if_on(profile: DeviceProfile, shape: Shape, native_fused: tuple[str,
     if shape.mask != "none":
         mask = TensorSpec((shape.B, shape.H, shape.L, shape.S), torch.bool if shape.mask == "bool" else dt, dev)
     return PlannedCall(q=q, k=k, v=v, mask=mask, mask_kind=shape.mask, dropout_p=0.0, causal=shape.causal,
-                       scale=1.0 / math.sqrt(shape.E), groups=shape.gqa,
+                       scale=default_scale(shape.E), groups=shape.gqa,
                        out_shape=(shape.B, shape.H, shape.L, shape.Ev), enable_gqa=shape.gqa > 1,
                        needs_grad=shape.grad, dense4d=True, mask_dims=4 if mask is not None else 0, profile=profile,
                        native=tuple(native_fused))

@@ -17,7 +17,6 @@ custom op (runtime/ops.py). Device facts, probes and config loading happen only 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 
 import torch
@@ -52,36 +51,6 @@ def _autocast_state(device_type: str):
     except (TypeError, AttributeError, RuntimeError):  # torch < 2.4, or a device type autocast does not know
         return "unknown"
     return None
-
-
-def route_key(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
-    """The call's metadata as a hashable key, or None where the call must take the full path every time (a tensor
-    subclass, a ``__torch_function__`` mode, an argument of an unexpected type, a nested tensor). :func:`sdpa`
-    computes the same key inline (a frame less on every call).
-
-    What the key holds is what a route depends on: the shapes, dtype, device and strides (one C call each; the
-    plan reads whether the last is 1, the kernels the rest), whether any input needs a gradient,
-    the mask's layout (shape, strides, dtype, alignment: native's fused kernels read it as laid out), the flags,
-    autocast and native's backend switches. Functorch transforms and TorchScript tracing are not in it: a native
-    route serves them as native would (the call is native's own), and any other route sends them down the full
-    path (:func:`sdpa`)."""
-    if not (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor and not _tf_mode()
-            and (type(dropout_p) is float or type(dropout_p) is int)
-            and (scale is None or type(scale) is float or type(scale) is int)):
-        return None
-    try:
-        if mask is None:
-            mk = None
-        elif type(mask) is _Tensor:
-            mk = (mask.shape, mask.stride(), mask.dtype, mask.device, mask.requires_grad, mask.data_ptr() % 16 == 0)
-        else:
-            return None
-        return (q.shape, k.shape, v.shape, q.dtype, q.device, q.stride(), k.stride(), v.stride(),
-                _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad), mk, is_causal,
-                enable_gqa, dropout_p, scale is None or scale > 0, _any_autocast() and _autocast_state(q.device.type),
-                _switches[0](), _switches[1](), _switches[2](), _switches[3]())
-    except Exception:  # noqa: BLE001 - a nested tensor has no strides, say: the full path says what it is
-        return None
 
 
 _routes: dict = {}
@@ -206,7 +175,7 @@ def _ours_route(plan: Plan):
             groups, out_shape, gqa, E = form
             call = contract.Call(
                 q=q, k=k, v=v, mask=None, mask_kind="none", dropout_p=float(dropout_p), causal=is_causal,
-                scale=float(scale) if scale is not None else (1.0 / math.sqrt(E) if E > 0 else 1.0),
+                scale=float(scale) if scale is not None else contract.default_scale(E),
                 groups=groups, out_shape=out_shape, enable_gqa=gqa,
                 needs_grad=_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad), dense4d=True,
                 original=(q, k, v, None, dropout_p, is_causal, scale, enable_gqa))
@@ -247,8 +216,13 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, s
     """``scaled_dot_product_attention`` with native's contract, served by the route of the call's metadata."""
     if _is_compiling():
         return _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    # The route key, inline (a frame less on every call): what a route depends on. The shapes, dtype, device and
+    # strides (one C call each; the plan reads whether the last is 1, the kernels the rest), whether any input
+    # needs a gradient, the mask's layout (shape, strides, dtype, alignment: native's fused kernels read it as laid
+    # out), the flags, autocast and native's backend switches. None (the full path every time) for a tensor
+    # subclass, a __torch_function__ mode, an argument of an unexpected type, a nested tensor. Functorch transforms
+    # and jit.trace are not in it: a native route serves them as native would, any other takes the full path.
     rkey = None
-    # route_key(), inline: what every call pays.
     if (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor and not _tf_mode()
             and (type(dropout_p) is float or type(dropout_p) is int)
             and (scale is None or type(scale) is float or type(scale) is int)):
