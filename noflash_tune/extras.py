@@ -278,6 +278,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     S = max(totals, default=0)
     kv_lens = seqlens + L_new  # (B,) int64 on the device
     ar = torch.arange
+    pos = seqlens.unsqueeze(1) + ar(L_new, device=q.device) if L_new else None  # (B, L_new): where new keys go
     if paged:
         pages = -(-S // page_size)  # the pages the longest sequence uses
         used = ar(pages, device=q.device) < ((kv_lens + page_size - 1) // page_size).unsqueeze(1)  # (B, pages)
@@ -289,8 +290,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
                              f"the cache (0 .. {num_pages - 1})")
         ids = torch.where(used, ids, 0)  # pages past a sequence's own are never read: any valid index will do
         if L_new:
-            pos = seqlens.unsqueeze(1) + ar(L_new, device=q.device)  # (B, L_new): where the new keys go
-            slot = ids.gather(1, pos // page_size) * page_size + pos % page_size
+            page, off = ids.gather(1, pos // page_size), pos % page_size  # each new key's page and slot in it
+            slot = page * page_size + off
             if slot.numel() > 1 and torch.unique(slot).numel() != slot.numel():
                 raise ValueError("attention_with_kvcache(): two sequences would append into the same cache slot "
                                  "(their block_table rows share a page where they write)")
@@ -298,13 +299,11 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     # --- everything is checked: append, then gather ---
     with torch.no_grad():
         if L_new:
-            bi = ar(B, device=q.device).unsqueeze(1).expand(B, L_new)
-            pos = seqlens.unsqueeze(1) + ar(L_new, device=q.device)
             if paged:
-                page, off = ids.gather(1, pos // page_size), pos % page_size
                 k_cache[page, off] = k
                 v_cache[page, off] = v
             else:
+                bi = ar(B, device=q.device).unsqueeze(1).expand(B, L_new)
                 k_cache[bi, pos] = k
                 v_cache[bi, pos] = v
         # The keys some query can see start at `lo`: with a window's left side, none before the least

@@ -216,13 +216,12 @@ class TrialRunner:
 
     def __init__(self, device: str, in_process: bool = False, timeout_s: float = 300.0, objective: str = "measure",
                  sleep_ms: float = 0.0, native: str = "all"):
-        from .runtime.native import PINNINGS
+        from .runtime.native import check_pinning
 
         self.device, self.in_process, self.timeout_s = device, in_process, timeout_s
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        if native not in PINNINGS:
-            raise ValueError(f"native must be one of {PINNINGS}, got {native!r}")
+        check_pinning(native)
         self.objective, self.sleep_ms = objective, sleep_ms  # sleep_ms: the synthetic objective's stand-in run time
         self.native = native  # "math": trials run with native's fused backends off (runtime.native.math_only)
         self.proc = None

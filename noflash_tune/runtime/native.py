@@ -46,19 +46,30 @@ def math_only():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def pinning(native: str):
-    """The context for a ``--native`` choice: :func:`math_only` for "math", else nothing."""
+def check_pinning(native: str) -> str:
+    """``native`` if it is a ``--native`` choice (:data:`PINNINGS`), else ValueError."""
     if native not in PINNINGS:
         raise ValueError(f"native must be one of {PINNINGS}, got {native!r}")
-    return math_only() if native == "math" else contextlib.nullcontext()
+    return native
+
+
+def pinning(native: str):
+    """The context for a ``--native`` choice: :func:`math_only` for "math", else nothing."""
+    return math_only() if check_pinning(native) == "math" else contextlib.nullcontext()
+
+
+def switches() -> tuple[bool, bool, bool, bool]:
+    """Native's backend switches now (``sdpa_kernel``, ``enable_*_sdp``): flash, efficient, math, cuDNN."""
+    b = torch.backends.cuda
+    return (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(),
+            getattr(b, "cudnn_sdp_enabled", lambda: False)())
 
 
 def fused_switched_off() -> bool:
     """Whether this process has every fused backend switched off and math on (:func:`math_only`, or the user's own
     ``sdpa_kernel``/``enable_*_sdp``): native measurements taken now are of its math path alone."""
-    b = torch.backends.cuda
-    fused = (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), getattr(b, "cudnn_sdp_enabled", lambda: False)())
-    return b.math_sdp_enabled() and not any(fused)
+    flash, efficient, math_on, cudnn = switches()
+    return math_on and not (flash or efficient or cudnn)
 
 
 def native_choice(q, k, v, mask, dropout_p, causal, scale, enable_gqa) -> str | None:

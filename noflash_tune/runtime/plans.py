@@ -19,7 +19,7 @@ from ..shapes import Bucket
 from ..sizes import pow2_ceil
 from ..variants import DTYPE_NAMES, FAMILIES, TIER_ORDER, Variant
 from . import fallback, settings
-from .native import mask_needs_repair, native_choice
+from .native import mask_needs_repair, native_choice, switches
 
 log = logging.getLogger("noflash_tune")
 
@@ -127,14 +127,7 @@ def plan_key(call: contract.Call) -> tuple:
             call.mask_dims, bool(m is not None and m.requires_grad), call.groups, pow2_ceil(call.B * call.H),
             pow2_ceil(call.L), pow2_ceil(call.S), call.needs_grad, call.dropout_p > 0, call.dense4d,
             call.q.stride(-1) == 1 and call.k.stride(-1) == 1 and call.v.stride(-1) == 1,
-            _user_mask_repair(call), s.force, s.vram_cap, native_flags())
-
-
-def native_flags() -> tuple:
-    """Native's backend switches (``sdpa_kernel``, ``enable_*_sdp``): a plan made under others does not hold."""
-    b = torch.backends.cuda
-    return (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(),
-            getattr(b, "cudnn_sdp_enabled", lambda: False)())
+            _user_mask_repair(call), s.force, s.vram_cap, switches())  # a plan made under other switches does not hold
 
 
 def _user_mask_repair(call: contract.Call) -> bool:

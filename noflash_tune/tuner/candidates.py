@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import variants
+from ..runtime.native import switches
 from ..shapes import Shape
 from ..trials import variant_id
 from ..variants import FAMILIES, Variant
@@ -46,31 +47,23 @@ def candidates_for(shape: Shape, device, families: tuple[str, ...] | None = None
     return Candidates(kept=kept, pruned=pruned, families_rejected=rejected)
 
 
-def _native_switches() -> tuple:
-    """Native's backend switches now: the candidates (which natives, which score precisions) depend on them, and a
-    process may tune with native as it is and then with its math path alone (``--native math``)."""
-    b = torch.backends.cuda
-    return (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(),
-            getattr(b, "cudnn_sdp_enabled", lambda: False)())
-
-
 def cached_candidates(shape: Shape, device: str, families: tuple[str, ...] | None = None) -> Candidates:
     """``candidates_for``, computed once a process per (shape, device, families, native's switches): a study's name
     needs them, and the pruning of a large space takes seconds. Read-only."""
-    return _cached_candidates(shape, device, families, _native_switches())
+    return _cached_candidates(shape, device, families, switches())
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_candidates(shape: Shape, device: str, families, switches: tuple) -> Candidates:
+def _cached_candidates(shape: Shape, device: str, families, native_switches: tuple) -> Candidates:
     return candidates_for(shape, device, families)
 
 
 def _kept_hash(shape: Shape, device: str, families: tuple[str, ...] | None = None) -> str:
-    return _kept_hash_of(shape, device, families, _native_switches())
+    return _kept_hash_of(shape, device, families, switches())
 
 
 @functools.lru_cache(maxsize=256)
-def _kept_hash_of(shape: Shape, device: str, families, switches: tuple) -> str:
+def _kept_hash_of(shape: Shape, device: str, families, native_switches: tuple) -> str:
     ids = sorted(variant_id(v) for v in cached_candidates(shape, device, families).kept)
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:10]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime.native import PINNINGS, pinning
+from ..runtime.native import check_pinning, pinning
 from ..trials import TrialRunner, Warmer
 from ..variants import FAMILIES
 
@@ -34,8 +34,7 @@ class TuneOptions:
     def __post_init__(self):
         if self.families is not None:  # a worker process gets them back from asdict() as a list
             self.families = tuple(sorted(self.families))
-        if self.native not in PINNINGS:
-            raise ValueError(f"native must be one of {PINNINGS}, got {self.native!r}")
+        check_pinning(self.native)
 
     def native_context(self):
         """The context every process of the run measures in: native as it is, or its math path alone."""
