@@ -44,8 +44,9 @@ class Specialization:
     gqa: bool = False
     dropout: bool = False
     causal_bottom_right: bool = False
-    # Beyond SDPA (the PyTorch tiers render them; the Triton families' reasons refuse such calls): ``band``, a
-    # window or per-batch key lengths (the per-row key range of contract.FeatureArgs); ``softcap``; ``alibi``.
+    # Beyond SDPA (the PyTorch tiers and the `triton` family render them; the other Triton families' reasons
+    # refuse such calls): ``band``, a window or per-batch key lengths (the per-row key range of
+    # contract.FeatureArgs); ``softcap``; ``alibi``.
     band: bool = False
     softcap: bool = False
     alibi: bool = False
@@ -97,6 +98,9 @@ def _context(variant: Variant, spec: Specialization) -> dict:
     ctx.update(causal=spec.causal, mask=spec.mask, gqa=spec.gqa, dropout=spec.dropout,
                causal_bottom_right=spec.causal_bottom_right, band=spec.banded, softcap=spec.softcap,
                alibi=spec.alibi, features=spec.features,
+               # the Triton templates' band: a window or per-batch key lengths alone (their bottom-right causal
+               # pattern without either is the causal_bottom_right flag's)
+               feature_band=spec.band,
                params_repr=", ".join(f"{k}={v}" for k, v in variant.params.items()))
     if "compute" in variant.params:
         ctx["compute_expr"] = _COMPUTE_EXPR[variant.params["compute"]]

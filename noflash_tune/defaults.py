@@ -104,12 +104,11 @@ TIER_TABLE: dict[str, TierDefaults] = {
     "cpu": TierDefaults(256, 256, 1, True, "the families' own defaults, unchanged: a CPU call is not sized by this "
                                            "table (the shipped CPU entries, tuned_configs/cpu-x86_64.json, take "
                                            "64-512 rows by bucket)"),
-    "nvidia-hbm": TierDefaults(1024, 512, 2, True, "H200, native pinned to math, bf16 B=1 H=16 D=64 (bench/NOTES.md "
-                                                   "rounds 3-4): blocks under 512 rows 2-4x behind (launch-bound); "
-                                                   "1024 rows on two streams within 1% of the sweep's best (1.14 "
-                                                   "ms at 4k, 12.4 at 16k, from a CUDA graph, < 3% off eager at "
-                                                   "these blocks; T1 1.23, 13.2) in T1's memory; causal best at 512 "
-                                                   "rows (eager 0.84 ms at 4k, 8.90 at 16k; T1 2.44, 32.1)"),
+    "nvidia-hbm": TierDefaults(1024, 512, 1, True, "H200, native pinned to math, fp16 B=1 H=16 D=64 (bench/NOTES.md "
+                                                   "rounds 3-4, 12): blocks under 512 rows 2-4x behind (launch-"
+                                                   "bound); 1024 rows on one stream 1.03x T1 at 4k, 1.01x at 16k in "
+                                                   "46-51% of its memory (two streams: 1.07x, 1.01x in 100-110%); "
+                                                   "causal best at 512 rows (1.67x T1 at 4k, one stream; 1.56x, two)"),
     "nvidia-gddr": TierDefaults(1024, 512, 1, True, "reasoned from nvidia-hbm: fewer SMs to fill, and one stream "
                                                     "(the second bought 1-5% on the H200 for a second score buffer)"),
     "nvidia-pre-ampere": TierDefaults(1024, 512, 1, False, "reasoned: no bf16 tensor cores before sm_80 (fp16 "

@@ -196,6 +196,10 @@ class DeviceProfile:
     # keys each cover cards of several sizes (sm_90: 80 GB H100s and 141 GB H200s). The PyTorch tiers' untuned row
     # blocks are held to a share of it (noflash_tune.defaults).
     memory_bytes: int = 0
+    # Streaming multiprocessors (AMD: compute units): the driver's count on a live device, 0 (unknown) in this table,
+    # whose keys each cover cards of several sizes (sm_90: 114-SM H100 PCIe, 132-SM H100 SXM and H200). The split-KV
+    # decode kernel sizes its default split count by it (noflash_tune.resources).
+    multiprocessors: int = 0
 
     @property
     def gpu(self) -> bool:
@@ -274,23 +278,25 @@ def profile_for_key(key: str) -> DeviceProfile:
 
 def _measured_limits(index: int) -> dict:
     """What the driver reports of GPU ``index``, as DeviceProfile fields: the shared memory one program may opt into,
-    the warp size and the device's memory, from torch's device properties (no Triton needed), else from Triton's
-    driver; {} where neither can say."""
+    the warp size, the device's memory and its multiprocessors, from torch's device properties (no Triton needed),
+    else from Triton's driver; {} where neither can say."""
     out = {}
     try:
         props = torch.cuda.get_device_properties(index)
         out["shared_memory_per_block"] = int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
         out["warp_size"] = int(getattr(props, "warp_size", 0) or 0)
         out["memory_bytes"] = int(getattr(props, "total_memory", 0) or 0)
+        out["multiprocessors"] = int(getattr(props, "multi_processor_count", 0) or 0)
     except Exception:  # noqa: BLE001 - an older torch or no device: Triton's driver may still say
         pass
-    if not out.get("shared_memory_per_block") or not out.get("warp_size"):
+    if not out.get("shared_memory_per_block") or not out.get("warp_size") or not out.get("multiprocessors"):
         try:
             import triton
 
             tp = triton.runtime.driver.active.utils.get_device_properties(index)
             out["shared_memory_per_block"] = out.get("shared_memory_per_block") or int(tp.get("max_shared_mem", 0))
             out["warp_size"] = out.get("warp_size") or int(tp.get("warpSize", 0))
+            out["multiprocessors"] = out.get("multiprocessors") or int(tp.get("multiprocessor_count", 0))
         except Exception:  # noqa: BLE001 - no triton, no driver: the profile's figures stand
             pass
     return {k: v for k, v in out.items() if v > 0 and (k != "warp_size" or v in (32, 64))}
@@ -298,8 +304,8 @@ def _measured_limits(index: int) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def live_profile(index: int = 0) -> DeviceProfile:
-    """The profile of this machine's GPU ``index``: its key's, with the shared memory, warp size and memory its
-    driver reports where it reports them."""
+    """The profile of this machine's GPU ``index``: its key's, with the shared memory, warp size, memory and
+    multiprocessor count its driver reports where it reports them."""
     base = profile_for_key(device_key(torch.device("cuda", index)))
     measured = _measured_limits(index)
     if not measured:

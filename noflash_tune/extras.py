@@ -2,11 +2,14 @@
 (contiguous or paged) in flash-attn's ``flash_attn_with_kvcache`` layouts.
 
 :func:`attention` takes SDPA's layout and arguments plus ``window``, ``softcap`` and ``alibi_slopes``;
-:func:`attention_with_kvcache` takes flash-attn's. Both are served by the PyTorch tiers (templates/torch), which
-apply the features block by block of query rows, inside the score block they already compute: no L x S mask or
-bias is ever made, and the key ranges no row of a block can see are skipped. The Triton families and native SDPA
-say in their reasons that they do not support a feature (``noflash_tune.explain`` lists them), so nothing else
-serves such a call, not even as a last resort.
+:func:`attention_with_kvcache` takes flash-attn's. Both are served by the `triton` family (templates/triton,
+_features.py.j2: fused forward and backward, where Triton runs) and the PyTorch tiers (templates/torch), which
+apply the features block by block, inside the score block they already compute: no L x S mask or bias is ever
+made, and the key ranges no row of a block can see are skipped. The other Triton families and native SDPA say in
+their reasons that they do not support a feature (``noflash_tune.explain`` lists them), so nothing else serves
+such a call, not even as a last resort. One exception: a cache call with no feature but its per-sequence
+lengths and L <= 16 queries is served on a GPU by split-KV decode (the ``triton_decode`` family), straight from
+the contiguous or paged cache (noflash_tune/runtime/decode.py).
 
 Conventions. Query row i sits at key position p(i) = i + offset. :func:`attention` aligns top-left, as SDPA's
 ``is_causal`` does: offset 0, also when L != S. :func:`attention_with_kvcache` aligns bottom-right, as flash-attn:
@@ -25,13 +28,12 @@ index out of range, sequence lengths past the cache's capacity...) before anythi
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
 from . import contract, defaults
-from .runtime import dispatch, fallback, plans, settings
+from .runtime import decode, dispatch, fallback, plans, settings
 from .runtime.plans import Plan
 from .shapes import Bucket
 from .variants import FAMILIES, NATIVE_BACKENDS, Variant
@@ -184,12 +186,16 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
       ``softcap`` and ``scale`` as in :func:`attention`; GQA where Hq is a multiple of Hkv.
 
     Returns (B, L, Hq, Ev) in q's dtype. Every argument is checked before the first write (``ValueError`` with the
-    offending value; ``TypeError`` for a non-tensor), so a call that raises leaves the cache as it was. Only the
-    pages a sequence uses are read (entries of ``block_table`` past them are never looked at), gathered into
-    (B, Hkv, ·, ·) tensors by one index op each, from the first key any query can see (a window's left side) to
-    the longest sequence's last; where the sequences' lengths differ, the keys past a sequence's own are zeroed
-    in that copy and masked. Gradients flow to q only: the cache and the appended k/v
-    are state, as in flash-attn, and must not require grad."""
+    offending value; ``TypeError`` for a non-tensor), so a call that raises leaves the cache as it was (so the checks
+    sync with the device: ``cache_seqlens`` read on the host, and for a paged cache one flag of its page indices
+    and, with appended keys, one of their slots; nothing after them does on the split-KV path).
+    Only the pages a sequence uses are read (entries of ``block_table`` past them are never looked at). Where
+    split-KV decode serves (``triton_decode``: L <= 16, no feature but the lengths, no grad, on a GPU with Triton,
+    or named by ``variant=``), its kernel reads the cache in place, pages through the block table, each sequence's
+    length from the device. Otherwise the keys are gathered into (B, Hkv, ·, ·) tensors by one index op each, from
+    the first key any query can see (a window's left side) to the longest sequence's last; where the sequences'
+    lengths differ, the keys past a sequence's own are zeroed in that copy and masked. Gradients flow to q only:
+    the cache and the appended k/v are state, as in flash-attn, and must not require grad."""
     q = _tensor("q", q)
     k_cache, v_cache = _tensor("k_cache", k_cache), _tensor("v_cache", v_cache)
     paged = block_table is not None
@@ -296,7 +302,14 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
                 raise ValueError("attention_with_kvcache(): two sequences would append into the same cache slot "
                                  "(their block_table rows share a page where they write)")
 
-    # --- everything is checked: append, then gather ---
+    # Split-KV decode reads the cache itself (after the append): chosen here, so that a named variant that cannot
+    # serve raises before anything is written.
+    chosen = dcall = None
+    if not feats and S and (variant is None or isinstance(variant, Variant) and variant.family == decode.FAMILY):
+        dcall = decode.kvcache_call(q, k_cache, v_cache, paged, S, kv_lens, (min(totals), S), is_causal, scale)
+        chosen = decode.choose(dcall, variant, plan_features)
+
+    # --- everything is checked: append, then attend from the cache itself, or gather ---
     with torch.no_grad():
         if L_new:
             if paged:
@@ -306,6 +319,11 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
                 bi = ar(B, device=q.device).unsqueeze(1).expand(B, L_new)
                 k_cache[bi, pos] = k
                 v_cache[bi, pos] = v
+    if chosen is not None:
+        out = decode.serve(dcall, chosen, variant is not None, q, k_cache, v_cache, bt if paged else None, S)
+        if out is not None:
+            return out
+    with torch.no_grad():
         # The keys some query can see start at `lo`: with a window's left side, none before the least
         # n_b - L - left (a sliding-window decode reads its window, not the whole cache). Gathered from there, key
         # j' = j - lo and every position shifts alike: the lengths become n_b - lo, the bottom-right offsets

@@ -343,6 +343,109 @@ def triton_chunked_ws_prune_reason(v, call: "Call") -> str:
     return _ws_registers_reason(fp, bn, bd) or _shared_memory_reason(fp, _device.profile_of(call))
 
 
+# --- triton_decode (templates/triton/decode_splitkv.py.j2): split-KV decode ---------------------------------------
+
+DECODE_MAX_QUERIES = 16  # a call with more query rows is a prefill: the fused families fill the GPU with them
+DECODE_MAX_HEAD_DIM = 256  # a program holds a whole head dim (padded to a power of two)
+DECODE_MAX_SPLITS = 64
+# The default split count aims at this many programs an SM (each streams its keys through num_stages tiles: two in
+# flight an SM keep the memory system busy), gives a split at least DECODE_MIN_BLOCKS key blocks (its partial
+# output costs a write and a read of L x G x Ev fp32 values), and counts DECODE_UNKNOWN_SMS multiprocessors where
+# the profile has no count (a table profile: a call planned offline; a live GPU's driver always says).
+DECODE_WAVES = 2
+DECODE_MIN_BLOCKS = 2
+DECODE_UNKNOWN_SMS = 100
+
+
+def triton_decode_reasons(call: "Call") -> list[str]:
+    """Why the split-KV decode kernel cannot serve ``call`` (beyond the Triton device and inference-only reasons)."""
+    out = []
+    if call.L > DECODE_MAX_QUERIES:
+        out.append(f"L={call.L} queries > {DECODE_MAX_QUERIES}: split-KV decode is for a few queries against many "
+                   "keys")
+    if call.mask is not None:
+        out.append("an attn_mask (the decode kernel bounds each sequence's keys by its length only)")
+    if max(call.E, call.Ev) > DECODE_MAX_HEAD_DIM:
+        out.append(f"head dim {max(call.E, call.Ev)} > {DECODE_MAX_HEAD_DIM}")
+    if call.q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        out.append(f"dtype {call.q.dtype} has no Triton dot")
+    return out
+
+
+def decode_rows(v, call: "Call") -> int:
+    """The packed query rows of one ``triton_decode`` program (the template's ``tile_rows``): the L x G rows
+    that read one kv head, rounded up to a power of two >= 16, at most BLOCK_M."""
+    return min(v.params["BLOCK_M"], max(16, pow2_ceil(call.L * call.groups)))
+
+
+def triton_decode_splits(v, call: "Call", n_max: int | None = None) -> int:
+    """How many key splits a ``triton_decode`` launch makes for ``call`` (its longest sequence ``n_max`` keys,
+    default S): the variant's ``splits``, or where that is 0 enough (batch x kv head x row block) programs for
+    DECODE_WAVES a multiprocessor, with at least DECODE_MIN_BLOCKS key blocks a split and at most
+    DECODE_MAX_SPLITS splits, balanced so that no split is left empty by the rounding."""
+    p = v.params
+    if p["splits"]:
+        return p["splits"]
+    sms = _device.profile_of(call).multiprocessors or DECODE_UNKNOWN_SMS
+    programs = call.B * call.Hkv * _cdiv(call.L * call.groups, decode_rows(v, call))
+    blocks = _cdiv(max(call.S if n_max is None else n_max, 1), p["BLOCK_N"])
+    splits = max(1, min(_cdiv(DECODE_WAVES * sms, max(programs, 1)), DECODE_MAX_SPLITS, blocks // DECODE_MIN_BLOCKS))
+    return _cdiv(blocks, _cdiv(blocks, splits))
+
+
+def triton_decode_workspace(v, call: "Call") -> int:
+    """Bytes of the partials a ``triton_decode`` launch allocates: per split, each query row's fp32 output, max
+    and sum (none with one split: the partial kernel writes the output itself)."""
+    splits = triton_decode_splits(v, call)
+    return 0 if splits == 1 else splits * call.B * call.H * call.L * (call.Ev + 2) * 4
+
+
+def triton_decode_footprint(v, call: "Call") -> Footprint:
+    """A ``triton_decode`` partial program, in the ``triton`` family's terms: Q's tile of the packed rows and
+    ``num_stages`` of K and V tiles (BLOCK_N x the padded head dims) in shared memory; registers a thread for the
+    fp32 scores, P in the dot's dtype and the fp32 accumulator, plus the operands of dots that read them from
+    registers (every dot but wgmma's, which needs 64 rows and 16-bit inputs), plus ``OVERHEAD_REGS``."""
+    p = v.params
+    profile = _device.profile_of(call)
+    rows, bn, nw, stages = decode_rows(v, call), p["BLOCK_N"], p["num_warps"], p["num_stages"]
+    threads = nw * profile.warp_size
+    elt = call.q.element_size()
+    e_pad, ev_pad = pow2_ceil(max(call.E, 16)), pow2_ceil(max(call.Ev, 16))
+    smem = (rows * e_pad + stages * bn * (e_pad + ev_pad)) * elt
+    tile_bytes = rows * bn * 4 + rows * bn * elt + rows * ev_pad * 4
+    if not (profile.wgmma and rows >= 64 and elt == 2):
+        tile_bytes += (rows * e_pad + bn * e_pad + bn * ev_pad) * elt
+    return Footprint(shared_memory=smem, threads=threads, registers=_cdiv(tile_bytes, 4 * threads) + OVERHEAD_REGS,
+                     register_budget=profile.registers_at(threads))
+
+
+def triton_decode_prune_reason(v, call: "Call") -> str:
+    """Analytic pruning of a ``triton_decode`` config before any launch ('' = keep)."""
+    p = v.params
+    profile = _device.profile_of(call)
+    why = _no_gpu_reason("triton_decode", profile)
+    if why:
+        return why
+    d = max(call.E, call.Ev)
+    if d > DECODE_MAX_HEAD_DIM:
+        return f"head dim {d} > {DECODE_MAX_HEAD_DIM}: a program holds the whole head dim"
+    rows = max(16, pow2_ceil(call.L * call.groups))
+    if p["BLOCK_M"] > rows:
+        return f"BLOCK_M={p['BLOCK_M']} > the {call.L * call.groups} query rows of a kv head (the same tile as {rows})"
+    if p["BLOCK_N"] > max(pow2_ceil(call.S), 16):
+        return f"BLOCK_N={p['BLOCK_N']} > the {call.S} keys"
+    blocks = _cdiv(max(call.S, 1), p["BLOCK_N"])
+    if p["splits"] > blocks:
+        return f"splits={p['splits']} > the {blocks} key blocks (the splits past them are empty)"
+    fp = triton_decode_footprint(v, call)
+    why = _shared_memory_reason(fp, profile)
+    if why:
+        return why
+    if fp.spills:
+        return f"~{fp.registers} registers a thread > the {fp.register_budget} its {fp.threads} threads may hold"
+    return ""
+
+
 # --- against native's math path ------------------------------------------------------------------------------------
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

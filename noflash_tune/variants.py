@@ -90,16 +90,21 @@ _FEATURE_NAMES = {"window": "window", "softcap": "softcap", "alibi": "ALiBi",
 
 def feature_reasons(call: "Call", who: str) -> list[str]:
     """One reason per beyond-SDPA feature of ``call`` (window, softcap, ALiBi, per-sequence key lengths) for a
-    family that does not render it: only the PyTorch tiers do so far."""
+    family that does not render it (the PyTorch tiers and the `triton` family render them all)."""
     return [f"{who} does not support {_FEATURE_NAMES.get(f, f)} yet" for f in call.features]
 
 
-def _triton_reasons(call: "Call") -> list[str]:
-    out = feature_reasons(call, "triton")
+def triton_device_reasons(call: "Call") -> list[str]:
+    """Why no Triton kernel runs where ``call``'s tensors are: not a CUDA/ROCm device, or no triton to import."""
     if call.q.device.type != "cuda":
-        out.append(f"Triton kernels run on CUDA/ROCm devices, not {call.q.device.type}")
-    elif not _device.triton_available():
-        out.append("triton is not importable here")
+        return [f"Triton kernels run on CUDA/ROCm devices, not {call.q.device.type}"]
+    return [] if _device.triton_available() else ["triton is not importable here"]
+
+
+def _triton_kernel_reasons(call: "Call") -> list[str]:
+    """What every Triton family of ours asks of a call, and all the `triton` family asks: it renders every
+    beyond-SDPA feature (templates/triton/_features.py.j2), causal either way, masks, GQA, dropout, gradients."""
+    out = triton_device_reasons(call)
     if call.q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         out.append(f"dtype {call.q.dtype} has no Triton dot")
     if max(call.E, call.Ev) > 1024:
@@ -107,6 +112,10 @@ def _triton_reasons(call: "Call") -> list[str]:
     if call.mask is not None and call.mask.requires_grad:
         out.append("a float mask that requires grad is served by the PyTorch tiers")
     return out
+
+
+def _triton_reasons(call: "Call") -> list[str]:  # the other Triton families render none of the features
+    return feature_reasons(call, "triton") + _triton_kernel_reasons(call)
 
 
 def _top_left_only_reasons(call: "Call") -> list[str]:
@@ -127,6 +136,12 @@ def _triton_ws_reasons(call: "Call") -> list[str]:
 def _triton_chunked_ws_reasons(call: "Call") -> list[str]:
     return (_triton_reasons(call) + _inference_only_reasons(call) + _top_left_only_reasons(call)
             + resources.triton_chunked_ws_reasons(call))
+
+
+def _triton_decode_reasons(call: "Call") -> list[str]:
+    """Split-KV decode renders per-sequence key lengths (and bottom-right causal), no other feature."""
+    out = [why for name, why in zip(call.features, feature_reasons(call, "triton_decode")) if name != "kv_lens"]
+    return out + triton_device_reasons(call) + _inference_only_reasons(call) + resources.triton_decode_reasons(call)
 
 
 def _native_reasons(backend: str) -> Callable[["Call"], list[str]]:
@@ -266,7 +281,7 @@ _register(Family(
     defaults={"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 0, "num_warps": 8, "num_stages": 3, "compute": "input",
               "accumulation": "fp32", "tma": 0},
     templates=("triton/attention_fwd.py.j2", "triton/attention_bwd.py.j2"),
-    reasons_fn=_triton_reasons,
+    reasons_fn=_triton_kernel_reasons,
     prune_fn=resources.triton_prune_reason,
     footprint_fn=resources.triton_footprint,
     least=tuple({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": bd, "num_warps": 2, "num_stages": 1, "compute": "input",
@@ -330,6 +345,22 @@ _register(Family(
     footprint_fn=resources.triton_chunked_ws_footprint,
     least=({"block_m": 512, "BLOCK_N": 64, "BLOCK_D": 128, "num_stages": 2, "scores": "input"},),
 ))
+_register(Family(
+    name="triton_decode",
+    kind="triton",
+    space={"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128, 256), "num_warps": (2, 4, 8),
+           "num_stages": (1, 2, 3, 4), "splits": (0, 1, 2, 4, 8, 16, 32, 64)},
+    # Flash-decoding for L <= 16 queries: a program takes a split of a (batch, kv head)'s keys for up to BLOCK_M of
+    # the L x G query rows reading that kv head, a reduction combines the splits; splits=0: the count from the SMs
+    # (resources.triton_decode_splits). Inference; paged caches too (noflash_tune.attention_with_kvcache).
+    defaults={"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "splits": 0},
+    templates=("triton/decode_splitkv.py.j2",),
+    autograd=False,
+    reasons_fn=_triton_decode_reasons,
+    prune_fn=resources.triton_decode_prune_reason,
+    footprint_fn=resources.triton_decode_footprint,
+    least=tuple({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": nw, "num_stages": 1, "splits": 0} for nw in (2, 8)),
+))
 for _b in NATIVE_BACKENDS:
     _register(Family(name=f"native:{_b}", kind="native", space={}, defaults={}, reasons_fn=_native_reasons(_b)))
 
@@ -388,14 +419,19 @@ def triton_seed_tiles(head_dim: int, grad: bool) -> list[tuple]:
     return list(dict.fromkeys(tiles))
 
 
+# triton_decode tiles, as (BLOCK_M, BLOCK_N, num_warps, num_stages, splits), reasoned (not measured yet): 16-row
+# tiles first, a decode step's L x G rows of a kv head (the defaults' 64-row cap is pruned there as the same tile).
+TRITON_DECODE_SEEDS = ((16, 64, 4, 2, 0), (16, 128, 4, 2, 0), (16, 64, 4, 3, 0), (16, 32, 4, 3, 0),
+                       (16, 128, 8, 3, 0), (64, 64, 4, 2, 0), (64, 128, 8, 2, 0))
 TRITON_FAMILY_SEEDS = {"triton_chunked": TRITON_CHUNKED_SEEDS, "triton_chunked_ws": TRITON_CHUNKED_WS_SEEDS,
-                       "triton_ws": TRITON_WS_SEEDS}
+                       "triton_ws": TRITON_WS_SEEDS, "triton_decode": TRITON_DECODE_SEEDS}
 # The fields of a Triton family's tile tuples (its seeds above, the benches' --tile), in order.
 TILE_FIELDS = {
     "triton": ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "BLOCK_D", "tma"),
     "triton_chunked": ("block_m", "BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages"),
     "triton_chunked_ws": ("block_m", "BLOCK_N", "BLOCK_D", "num_stages"),
     "triton_ws": ("BLOCK_N", "num_stages", "pingpong"),
+    "triton_decode": ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "splits"),
 }
 
 

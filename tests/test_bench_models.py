@@ -2,6 +2,7 @@
 accuracy check, and noflash-tune's own tiers serve the "noflash-tune" rows (NOFLASH_TUNE_FORCE=1)."""
 from __future__ import annotations
 
+import gc
 import importlib.util
 import io
 import json
@@ -32,7 +33,20 @@ def bench_models():
         sys.modules.pop(spec.name, None)
 
 
-def test_tiny_rows_are_timed_and_accurate(bench_models, clean_runtime, tmp_path, capsys):
+@pytest.fixture
+def session_objects_frozen():
+    """The bench frees memory around each row with gc.collect(), and in a test session every collection walks all
+    the objects of every module loaded so far (0.2 s or more each, some 50 times a run). Those that exist before the
+    test are moved out of the collector's reach while it runs (gc.freeze): each collection walks what the bench
+    made, which it frees as before."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def test_tiny_rows_are_timed_and_accurate(bench_models, clean_runtime, tmp_path, capsys, session_objects_frozen):
     import torch
 
     import noflash_tune

@@ -83,7 +83,8 @@ def test_a_cpu_files_freshness_ignores_triton_templates_a_gpu_files_does_not(edi
     its studies), while a GPU's entries, which may hold Triton winners, follow every template."""
     assert [n for n, _ in C.family_templates_for("cpu-x86_64")] == ["torch_chunked", "torch_inplace", "torch_online"]
     assert [n for n, _ in C.family_templates_for("sm_90")] == ["torch_chunked", "torch_inplace", "torch_online",
-                                                                "triton", "triton_chunked", "triton_chunked_ws", "triton_ws"]
+                                                                "triton", "triton_chunked", "triton_chunked_ws",
+                                                                "triton_decode", "triton_ws"]
     cpu, gpu = C.templates_hash_for("cpu-x86_64"), C.templates_hash_for("sm_90")
     edit_template("triton/attention_fwd.py.j2")
     assert C.templates_hash_for("cpu-x86_64") == cpu and C.templates_hash_for("sm_90") != gpu
@@ -98,7 +99,7 @@ def test_a_cpu_files_freshness_ignores_triton_templates_a_gpu_files_does_not(edi
 
 
 TEMPLATED = ("torch_chunked", "torch_online", "torch_inplace", "triton", "triton_chunked", "triton_chunked_ws",
-             "triton_ws")
+             "triton_ws", "triton_decode")
 
 
 def test_a_new_template_file_leaves_every_familys_entries_fresh(edit_template):
@@ -122,6 +123,7 @@ def test_a_template_edit_stales_only_the_families_rendered_from_it(edit_template
     assert stale_after("triton/_shared.py.j2") == {"triton", "triton_chunked", "triton_chunked_ws", "triton_ws"}
     assert stale_after("triton/_chunked.py.j2") == {"triton_chunked", "triton_chunked_ws"}
     assert stale_after("triton/_tma.py.j2") == {"triton_chunked_ws"}
+    assert stale_after("triton/decode_splitkv.py.j2") == {"triton_decode"}  # a family's own file, no partial
     assert stale_after("torch/_blocks.py.j2") == {"torch_chunked", "torch_online", "torch_inplace"}
     assert stale_after("torch/chunked.py.j2") == {"torch_chunked"}
     # Through a file: the reason names the family and both hashes.

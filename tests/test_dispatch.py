@@ -103,6 +103,18 @@ def test_a_known_route_of_ours_gives_the_full_paths_results_and_keeps_natives_ty
                 ref_g = torch.autograd.grad(math(qq, kk, vv, scale=scale, **kw), (qq, kk, vv), g)
                 for a, b in zip(ours_g, ref_g):
                     torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+        # The same shapes laid out otherwise share the route (strides are not in its key): the first call of that
+        # layout is normalised in full, not given the other layout's form; the next one takes its own layout's.
+        normalized = []
+        real_normalize = contract.normalize
+        rt.setattr(contract, "normalize", lambda *a, **k: normalized.append(1) or real_normalize(*a, **k))
+        for i in range(2):
+            q, k, v = (rnd(*s[:2], s[3], s[2], seed=40 + i + j).transpose(-1, -2)
+                       for j, s in enumerate((sq, sk, sv)))
+            torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, **kw), math(q, k, v, **kw),
+                                       atol=2e-5, rtol=2e-5)
+        assert len(normalized) == 1
+        rt.setattr(contract, "normalize", real_normalize)
         q, k, v = rnd(*sq), rnd(*sk), rnd(*sv)
         with pytest.raises(TypeError, match="is_causal"):
             F.scaled_dot_product_attention(q, k, v, **{**kw, "is_causal": int(kw.get("is_causal", False))})

@@ -203,10 +203,18 @@ def test_crowning_waits_for_live_trials_only():
 
 
 def test_synthetic_results_stay_out_of_the_default_storage_and_config_dir(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "noflash_tune.cli", "--gpu", "cpu", "--shapes", "smoke",
-                           "--objective", "synthetic", "--out", str(tmp_path)], env=_env(tmp_path, "refuse"),
-                          cwd=str(REPO), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--objective synthetic needs --storage" in proc.stderr + proc.stdout
+    """Refused before anything runs (in this process: the command's exit status and message, as the console
+    script's; tests/test_cli.py runs the module entry point itself)."""
+    import contextlib
+    import io
+
+    from noflash_tune import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(["--gpu", "cpu", "--shapes", "smoke", "--objective", "synthetic", "--out", str(tmp_path)])
+    assert rc == 2 and "--objective synthetic needs --storage" in " ".join((err.getvalue() + out.getvalue()).split())
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_the_workers_scaling_bench_runs_both_cold_and_compares_winners(tmp_path):

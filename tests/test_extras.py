@@ -6,7 +6,8 @@ explicit fp64 masks and biases (a hypothesis property test), and with dropout ag
 ``attention_with_kvcache`` with contiguous and paged
 caches (page size 16 and odd ones, small odd batches, appended keys, sequences of different lengths, garbage in the
 unused slots) against that reference and against each other; every bad input raising its class with a clear
-message and leaving the cache untouched; the Triton families and native SDPA refusing feature calls; bucket keys
+message and leaving the cache untouched; native SDPA and the Triton families but `triton` refusing feature calls
+(tests/test_triton_features.py runs that family's kernels with them); bucket keys
 (feature-free keys as before) and ``explain``; the generated code of an SDPA call carrying none of the features.
 With ``-m gpu`` on a CUDA machine: every tier in bf16/fp16/fp32 within twice the input dtype's math error (forward
 and gradients, side streams, fp32-output GEMMs), and the caches there, a plain decode served by a Triton family.
@@ -217,21 +218,24 @@ def test_feature_free_calls_keep_their_bucket_key_and_a_feature_bucket_matches_n
     assert fb != Bucket.of(plain) and fb.family_key != Bucket.of(plain).family_key
 
 
-def test_triton_families_and_native_refuse_each_feature():
+def test_the_other_triton_families_and_native_refuse_each_feature():
+    """The `triton` family serves them (tests/test_triton_features.py); the others and native SDPA do not."""
     q, k, v = (torch.randn(1, 2, 64, 64, dtype=torch.float16) for _ in range(3))
     cases = {"window": dict(window=(8, 8)), "softcap": dict(softcap=30.0),
              "ALiBi": dict(alibi_slopes=torch.ones(2))}
     for name, kw in cases.items():
         call = contract.with_features(contract.normalize(q, k, v), **kw)
-        for fam in ("triton", "triton_ws", "triton_chunked", "triton_chunked_ws"):
+        for fam in ("triton_ws", "triton_chunked", "triton_chunked_ws"):
             assert f"triton does not support {name} yet" in FAMILIES[fam].reasons(call), (fam, name)
+        assert not any("does not support" in r for r in FAMILIES["triton"].reasons(call)), name
         for b in ("math", "flash", "efficient", "cudnn"):
             assert f"native SDPA does not support {name} yet" in FAMILIES[f"native:{b}"].reasons(call)
         for tier in TIERS:
             assert not FAMILIES[tier].reasons(call)
     call = contract.normalize(q, k, v)
     call.kv_lens, call.kv_bounds = torch.full((1,), 64), (64, 64)
-    assert any("per-sequence key lengths" in r for r in FAMILIES["triton"].reasons(call))
+    assert any("per-sequence key lengths" in r for r in FAMILIES["triton_chunked"].reasons(call))
+    assert not any("per-sequence key lengths" in r for r in FAMILIES["triton"].reasons(call))
     # Bottom-right causal: the stored-score kernels are top-left only; native's is_causal is top-left.
     br = contract.normalize(q[:, :, :1], k, v, None, 0.0, True)
     br.bottom_right = True

@@ -49,8 +49,10 @@ def test_wheel_in_a_fresh_venv_ships_templates_and_configs(tmp_path):
     (wheel,) = wheels.glob("noflash_tune-*.whl")
 
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", venv])
-    _run([venv / "bin" / "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check", "-q", wheel])
+    # A venv without a pip of its own (seeding one takes seconds): this interpreter's pip installs into it.
+    _run([sys.executable, "-m", "venv", "--without-pip", venv])
+    _run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index",
+          "--disable-pip-version-check", "-q", wheel])
     site = Path(_run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
                 .stdout.strip())
     # torch, jinja2, optuna... resolve from this interpreter's site-packages, after the fresh venv's own.

@@ -81,6 +81,21 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
                           cwd=str(REPO))
 
 
+# A fresh process with none of the NOFLASH_TUNE_* variables set: patched at import, and quiet on a forward call.
+# One process answers both tests that need it (each start imports torch: seconds).
+DEFAULT_ENV_CHILD = ("import noflash_tune\n"
+                     "assert noflash_tune.is_enabled()\n"
+                     "print('patched')\n"
+                     "import torch, torch.nn.functional as F\n"
+                     "q = torch.randn(1, 2, 64, 16)\n"
+                     "F.scaled_dot_product_attention(q, q, q)\n")
+
+
+@pytest.fixture(scope="module")
+def default_env_child() -> subprocess.CompletedProcess:
+    return run_python(DEFAULT_ENV_CHILD)
+
+
 # --- the patch ----------------------------------------------------------------------------------------------
 
 def test_import_patches_sdpa_and_disable_enable_toggle_it(rt):
@@ -103,7 +118,7 @@ def test_import_patches_sdpa_and_disable_enable_toggle_it(rt):
     assert len(calls) == 1
 
 
-def test_disable_env_var_leaves_sdpa_unpatched():
+def test_disable_env_var_leaves_sdpa_unpatched(default_env_child):
     code = ("import torch.nn.functional as F, noflash_tune\n"
             "from noflash_tune.runtime.native import original_sdpa\n"
             "assert F.scaled_dot_product_attention is original_sdpa\n"
@@ -114,11 +129,11 @@ def test_disable_env_var_leaves_sdpa_unpatched():
     res = run_python(code, NOFLASH_TUNE_DISABLE="1")
     assert res.returncode == 0, res.stderr
     assert "unpatched-ok" in res.stdout
-    res = run_python("import noflash_tune; assert noflash_tune.is_enabled(); print('patched')")
+    res = default_env_child  # without it: patched
     assert res.returncode == 0 and "patched" in res.stdout, res.stderr
 
 
-def test_log_debug_reports_each_decision_on_stderr():
+def test_log_debug_reports_each_decision_on_stderr(default_env_child):
     code = ("import torch, torch.nn.functional as F, noflash_tune\n"
             "q = torch.randn(1, 2, 64, 16)\n"
             "F.scaled_dot_product_attention(q, q, q)\n")
@@ -126,7 +141,8 @@ def test_log_debug_reports_each_decision_on_stderr():
     assert res.returncode == 0, res.stderr
     assert "noflash-tune plan for q(1, 2, 64, 16)" in res.stderr
     assert "chosen" in res.stderr and "because" in res.stderr
-    quiet = run_python(code)
+    quiet = default_env_child  # the same call without NOFLASH_TUNE_LOG
+    assert code.splitlines()[1:] == DEFAULT_ENV_CHILD.splitlines()[4:]
     assert quiet.returncode == 0, quiet.stderr
     assert "plan for" not in quiet.stderr
 

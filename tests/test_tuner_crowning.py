@@ -34,3 +34,36 @@ def test_crowning_times_the_finalists_side_by_side_so_clock_drift_does_not_pick_
     assert runner.calls == tuner.CROWN_ROUNDS * (tuner.REMEASURE_TOP + 1)
     assert variant_id(Variant.from_json(entry["winner"])) == runner.first
     assert entry["native"]["ms"] < entry["ms"], entry
+
+
+def _study_of(*trials):
+    import optuna
+
+    study = optuna.create_study(direction="minimize")
+    for state, value, attrs in trials:
+        study.add_trial(optuna.trial.create_trial(state=state, value=value, user_attrs=attrs))
+    return study
+
+
+class _NativeOnlyRunner:
+    def run(self, variant, shape, cap, budget_ms):
+        return {"status": "ok", "ms": 4.0, "p20": 4.0, "p80": 4.0, "peak_bytes": 0}
+
+
+def test_a_bucket_whose_deadline_came_before_any_of_our_candidates_ran_gets_no_entry(tmp_path):
+    """A time budget spent before our first candidate of a bucket ran (native alone was timed) leaves the bucket
+    without an entry, so its calls keep their untuned plan: an entry would crown native against nothing. Where one
+    of ours did run and lost (here: pruned for accuracy), native is crowned as before."""
+    import optuna
+
+    shape = Shape(B=1, H=2, L=64, E=16, dtype="fp32")
+    opts = tuner.TuneOptions(device="cpu", in_process=True, budget_ms=1, storage=f"journal:{tmp_path / 'j.log'}")
+    cands = tuner.Candidates(kept=[], pruned=[], families_rejected={})
+    S = optuna.trial.TrialState
+    native = (S.COMPLETE, 4.0, {"variant": "native:math", "status": "ok"})
+    ours = variant_id(Variant("torch_chunked"))
+    cut = _study_of(native, (S.FAIL, None, {"variant": ours, "status": "deadline"}))
+    assert tuner.crown(cut, shape, opts, cands, runner=_NativeOnlyRunner()).entry is None
+    lost = _study_of(native, (S.PRUNED, None, {"variant": ours, "status": "pruned_accuracy"}))
+    entry = tuner.crown(lost, shape, opts, cands, runner=_NativeOnlyRunner()).entry
+    assert entry is not None and Variant.from_json(entry["winner"]).family == "native:math"

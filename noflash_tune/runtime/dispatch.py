@@ -161,17 +161,20 @@ def _run_ours(chain, call, device_type):
     return out.reshape(call.out_shape)
 
 
+FORMS_MAX = 8  # layouts a route of ours keeps the form of
+
+
 def _ours_route(plan: Plan):
-    """Our chain for a route's calls. The first call is validated and normalised in full; where it was the common
-    form (4-D q/k/v used as they are, no mask, no autocast), its later calls, whose metadata the route key says is
-    the same, skip both and get their Call from that first call's scalars (no tensor of it is kept)."""
+    """Our chain for a route's calls. A call is validated and normalised in full the first time its layout (q, k
+    and v's strides) is seen; where it was the common form (4-D q/k/v used as they are, no mask, no autocast), the
+    later calls of that layout (the rest of their metadata is the route key's) skip both and get their Call from
+    that first call's scalars (no tensor of it is kept)."""
     chain = plan.chain
-    form = None  # (groups, out_shape, enable_gqa, E) of the route's common-form calls
+    forms: dict = {}  # (q, k, v strides) -> (groups, out_shape, enable_gqa, E) of the route's common-form calls
 
     def ours(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
-        nonlocal form
-        if form is not None and mask is None and type(is_causal) is bool and type(enable_gqa) is bool \
-                and not _any_autocast():
+        form = forms.get((q.stride(), k.stride(), v.stride())) if forms and mask is None else None
+        if form is not None and type(is_causal) is bool and type(enable_gqa) is bool and not _any_autocast():
             groups, out_shape, gqa, E = form
             call = contract.Call(
                 q=q, k=k, v=v, mask=None, mask_kind="none", dropout_p=float(dropout_p), causal=is_causal,
@@ -182,8 +185,8 @@ def _ours_route(plan: Plan):
             return _run_ours(chain, call, q.device.type)
         call = _normalized(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
         if (call.dense4d and mask is None and call.q is q and call.k is k and call.v is v and not call.trivial
-                and not _any_autocast()):
-            form = (call.groups, call.out_shape, call.enable_gqa, q.size(-1))
+                and not _any_autocast() and len(forms) < FORMS_MAX):
+            forms[(q.stride(), k.stride(), v.stride())] = (call.groups, call.out_shape, call.enable_gqa, q.size(-1))
         return _run_ours(chain, call, q.device.type)
     return ours
 
@@ -216,14 +219,16 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, s
     """``scaled_dot_product_attention`` with native's contract, served by the route of the call's metadata."""
     if _is_compiling():
         return _traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    # The route key, inline (a frame less on every call): what a route depends on. The shapes, dtype, device and
-    # strides (one C call each; the plan reads whether the last is 1, the kernels the rest), whether any input
-    # needs a gradient, the mask's layout (shape, strides, dtype, alignment: native's fused kernels read it as laid
-    # out), the flags, autocast and native's backend switches. None (the full path every time) for a tensor
-    # subclass, a __torch_function__ mode, an argument of an unexpected type, a nested tensor. Functorch transforms
-    # and jit.trace are not in it: a native route serves them as native would, any other takes the full path.
-    rkey = None
-    if (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor and not _tf_mode()
+    # The route key, inline (a frame less on every call): what a route depends on. The shapes, dtype and device
+    # (one C call each), whether any input needs a gradient, the mask's layout (shape, strides, dtype, alignment:
+    # native's fused kernels read it as laid out), the arguments as given, autocast and native's backend switches.
+    # Not q/k/v's strides: native serves any layout (its route holds for all), and a route of ours checks them
+    # itself before it reuses its first call's normalisation. None (the full path every time) for a tensor
+    # subclass, an argument of an unexpected type, a nested tensor. A __torch_function__ mode, functorch transforms
+    # and jit.trace are not in it: a native route serves them as native would (a mode sees native's own call), any
+    # other route takes the full path under them.
+    rkey = route = None
+    if (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor
             and (type(dropout_p) is float or type(dropout_p) is int)
             and (scale is None or type(scale) is float or type(scale) is int)):
         try:
@@ -233,26 +238,25 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, s
                 mk = (attn_mask.shape, attn_mask.stride(), attn_mask.dtype, attn_mask.device, attn_mask.requires_grad,
                       attn_mask.data_ptr() % 16 == 0)
             else:
-                mk = False
-            if mk is not False:
-                rkey = (query.shape, key.shape, value.shape, query.dtype, query.device, query.stride(),
-                        key.stride(), value.stride(),
-                        _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad), mk,
-                        is_causal, enable_gqa, dropout_p, scale is None or scale > 0,
-                        _any_autocast() and _autocast_state(query.device.type), _switches[0](), _switches[1](),
-                        _switches[2](), _switches[3]())
-        except Exception:  # noqa: BLE001 - a nested tensor has no strides, say: the full path says what it is
+                raise TypeError  # a CausalBias, say: the full path
+            rkey = (query.shape, key.shape, value.shape, query.dtype, query.device,
+                    _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad), mk,
+                    is_causal, enable_gqa, dropout_p, scale, _any_autocast() and _autocast_state(query.device.type),
+                    _switches[0](), _switches[1](), _switches[2](), _switches[3]())
+            route = _routes.get(rkey)
+        except Exception:  # noqa: BLE001 - a strided nested tensor has no shape, an unhashable flag: the full path
             rkey = None
-    route = _routes.get(rkey) if rkey is not None else None
     if route is _native:  # the pass-through, inline (keywords only where given: each costs native's parser time)
         try:
-            if scale is None and not enable_gqa:
-                return original_sdpa(query, key, value, attn_mask, dropout_p, is_causal)
+            if scale is None:
+                if not enable_gqa:
+                    return original_sdpa(query, key, value, attn_mask, dropout_p, is_causal)
+                return original_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa=enable_gqa)
             return original_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         except fallback.OutOfMemoryError as exc:
             return _rescue(exc, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if _transforms_active() or _tracing_state() is not None:  # vmap/grad, jit.trace: the full path, never cached
-        route, rkey = None, None
+    if _tf_mode() or _transforms_active() or _tracing_state() is not None:
+        route, rkey = None, None  # a __torch_function__ mode, vmap/grad, jit.trace: the full path, never cached
     if route is None:
         route = _new_route(rkey, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)

@@ -18,6 +18,7 @@ import logging
 
 import torch
 
+from .. import resources
 from ..defaults import default_for
 from ..variants import FAMILIES, TIER_ORDER, Variant, compute_dtype, prune_reason
 from . import capture, kernels, settings
@@ -62,6 +63,8 @@ def workspace_bytes(variant: Variant, call) -> int:
         if selt == 4 and not on_cuda:  # no fp32-output GEMM there: fp32 copies of K and of a block of q
             ws += B * call.Hkv * S * E * 4 + B * H * rows * E * 4
         return out + ws
+    if variant.family == "triton_decode":  # its splits' partial outputs
+        return out + resources.triton_decode_workspace(variant, call)
     if variant.kind == "triton":
         return out
     p = variant.params

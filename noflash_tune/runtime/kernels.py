@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .. import codegen
+from .. import codegen, resources
 from ..codegen import Specialization
 from ..variants import Variant
 from . import capture
@@ -38,8 +38,15 @@ def spec_of(call) -> Specialization:
 def _feature_kwargs(variant: Variant, call, spec: Specialization) -> dict:
     """The extra argument of a PyTorch tier rendered with features (window, softcap, ALiBi, per-batch key lengths,
     a bottom-right causal pattern): the call's ``contract.FeatureArgs``. The Triton families take none (their
-    reasons refuse the features; a bottom-right causal pattern is one of their template flags)."""
-    return {"feat": call.feature_args()} if variant.kind == "torch" and spec.features else {}
+    reasons refuse the features; a bottom-right causal pattern is one of their template flags), but split-KV
+    decode: the per-sequence key lengths (on the device) and its split count."""
+    if variant.family == "triton_decode":
+        return {"kv_lens": call.kv_lens, "num_splits": resources.triton_decode_splits(variant, call)}
+    # The `triton` family renders a window, per-batch key lengths, softcap and ALiBi and takes `feat` for them (a
+    # bottom-right causal pattern alone is its causal_bottom_right flag); the other Triton families refuse them.
+    wanted = spec.features if variant.kind == "torch" else variant.family == "triton" and (
+        spec.band or spec.softcap or spec.alibi)
+    return {"feat": call.feature_args()} if wanted else {}
 
 
 def draw_seed(variant: Variant, device, dropout_p: float):

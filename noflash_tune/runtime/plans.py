@@ -23,7 +23,9 @@ from .native import mask_needs_repair, native_choice, switches
 
 log = logging.getLogger("noflash_tune")
 
-OUR_FAMILIES = ("triton", "triton_ws", "triton_chunked_ws", "triton_chunked") + TIER_ORDER
+# Split-KV decode first: its reasons take only a few query rows (L <= 16), which the fused families' programs of one
+# (batch, head) each leave too few to fill a GPU with.
+OUR_FAMILIES = ("triton_decode", "triton", "triton_ws", "triton_chunked_ws", "triton_chunked") + TIER_ORDER
 # From this head dim up, an untuned call tries the stored-score families first: a fused kernel's tile of the whole
 # head dim no longer fits a program, and on an H200 triton_chunked_ws measured 468 TFLOP/s at D=512 where the
 # `triton` family's split-D tiles reached ~260 (bench/NOTES.md, round 10).

@@ -56,6 +56,11 @@ def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidate
     ours = sorted(((ms, vid) for vid, ms in best_per_variant.items() if not vid.startswith("native:")))
     if not ours and not natives:
         return BucketResult(shape=shape, entry=None, counts=counts)
+    if not ours and not _any_of_ours_evaluated(trials):
+        # The deadline came before any of our candidates ran (native alone was timed): an entry would crown native
+        # against nothing, and send the bucket's calls there even where our untuned default is several times as
+        # fast. No entry: the bucket keeps its untuned plan until a run measures it.
+        return BucketResult(shape=shape, entry=None, counts=counts)
     # Re-measure the top few of ours and the best native, in CROWN_ROUNDS interleaved rounds (the order reversed
     # every other round), and rank them by their medians there: a lucky outlier of the search is common, and a GPU's
     # clocks drift over a bucket's minutes (5-8% on the lent H200), which would favour whoever was timed in a fast
@@ -106,6 +111,22 @@ def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidate
         # of memory) says nothing about a device whose fused kernels take the call, and the runtime knows it.
         entry["native_pinned"] = "math"
     return BucketResult(shape=shape, entry=entry, counts=counts)
+
+
+def _any_of_ours_evaluated(trials) -> bool:
+    """Whether the search ran any candidate of ours to an outcome (timed, failed, over the cap, inaccurate): one
+    that the deadline cut, or that needed no run, does not count."""
+    for t in trials:
+        vid = t.user_attrs.get("variant") or ""
+        if not vid or vid.startswith("native:"):
+            continue
+        st = t.user_attrs.get("status", "")
+        if st in ("deadline", "duplicate", "pruned_analytic", "pruned_family"):
+            continue
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or st.startswith("failed") \
+                or t.state == optuna.trial.TrialState.FAIL:
+            return True
+    return False
 
 
 def results_to_config(results: list[BucketResult], opts: TuneOptions) -> dict:
