@@ -12,28 +12,19 @@ except ImportError:  # pragma: no cover
     pass
 
 
-def _interpreted_scalars_as_indices():
-    """Triton's interpreter holds a kernel's scalars as one-element numpy arrays, and ``range()`` over them asks
-    each for ``__index__``, which numpy >= 2.4 refuses on a 1-D array: the interpreter's tensors get an
-    ``__index__`` that reads their one element (the kernels' loop bounds are such scalars). Once, for every test
-    (bench/_shared.py installs the same for the bench scripts, under the same flag)."""
-    try:
-        from triton.runtime import interpreter
-    except Exception:  # pragma: no cover - no triton, or one without an interpreter
-        return
-    current = getattr(interpreter, "_patch_lang_tensor", None)
-    if current is None or getattr(current, "_noflash_shim", False):
-        return
+# Triton's interpreter holds a kernel's scalars as one-element numpy arrays, which numpy >= 2.4 will not take as
+# range() bounds: the shim the bench scripts use, installed once for every test (harmless where nothing is
+# interpreted; NOFLASH_TUNE_TEST_INTERPRET may ask for the interpreter later, on a GPU machine).
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
 
-    def with_index(tensor, scope):
-        current(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda t: int(t.handle.data.reshape(-1)[0]))
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+try:
+    from bench._shared import interpreter_scalars_as_indices as _scalars_as_indices  # noqa: E402
 
-    with_index._noflash_shim = True
-    interpreter._patch_lang_tensor = with_index
-
-
-_interpreted_scalars_as_indices()  # harmless where nothing is interpreted (NOFLASH_TUNE_TEST_INTERPRET may ask later)
+    _scalars_as_indices()
+except ImportError:  # pragma: no cover - no triton, or one without an interpreter
+    pass
 
 import pytest
 from hypothesis import settings
