@@ -28,7 +28,6 @@ index out of range, sequence lengths past the cache's capacity...) before anythi
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

@@ -367,15 +367,18 @@ def triton_decode_reasons(call: "Call") -> list[str]:
         out.append("an attn_mask (the decode kernel bounds each sequence's keys by its length only)")
     if max(call.E, call.Ev) > DECODE_MAX_HEAD_DIM:
         out.append(f"head dim {max(call.E, call.Ev)} > {DECODE_MAX_HEAD_DIM}")
-    if call.q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        out.append(f"dtype {call.q.dtype} has no Triton dot")
-    return out
+    return out  # (the dtype: variants' reasons for every Triton family)
+
+
+def _decode_packed_rows(call: "Call") -> int:
+    """The L x G query rows that read one kv head, rounded up to a power of two >= 16 (a dot's least tile)."""
+    return max(16, pow2_ceil(call.L * call.groups))
 
 
 def decode_rows(v, call: "Call") -> int:
-    """The packed query rows of one ``triton_decode`` program (the template's ``tile_rows``): the L x G rows
-    that read one kv head, rounded up to a power of two >= 16, at most BLOCK_M."""
-    return min(v.params["BLOCK_M"], max(16, pow2_ceil(call.L * call.groups)))
+    """The packed query rows of one ``triton_decode`` program (the template's ``tile_rows``): the packed rows of a
+    kv head, at most BLOCK_M."""
+    return min(v.params["BLOCK_M"], _decode_packed_rows(call))
 
 
 def triton_decode_splits(v, call: "Call", n_max: int | None = None) -> int:
@@ -429,7 +432,7 @@ def triton_decode_prune_reason(v, call: "Call") -> str:
     d = max(call.E, call.Ev)
     if d > DECODE_MAX_HEAD_DIM:
         return f"head dim {d} > {DECODE_MAX_HEAD_DIM}: a program holds the whole head dim"
-    rows = max(16, pow2_ceil(call.L * call.groups))
+    rows = _decode_packed_rows(call)
     if p["BLOCK_M"] > rows:
         return f"BLOCK_M={p['BLOCK_M']} > the {call.L * call.groups} query rows of a kv head (the same tile as {rows})"
     if p["BLOCK_N"] > max(pow2_ceil(call.S), 16):

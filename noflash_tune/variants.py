@@ -101,12 +101,16 @@ def triton_device_reasons(call: "Call") -> list[str]:
     return [] if _device.triton_available() else ["triton is not importable here"]
 
 
+def _triton_dtype_reasons(call: "Call") -> list[str]:
+    if call.q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return [f"dtype {call.q.dtype} has no Triton dot"]
+    return []
+
+
 def _triton_kernel_reasons(call: "Call") -> list[str]:
     """What every Triton family of ours asks of a call, and all the `triton` family asks: it renders every
     beyond-SDPA feature (templates/triton/_features.py.j2), causal either way, masks, GQA, dropout, gradients."""
-    out = triton_device_reasons(call)
-    if call.q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        out.append(f"dtype {call.q.dtype} has no Triton dot")
+    out = triton_device_reasons(call) + _triton_dtype_reasons(call)
     if max(call.E, call.Ev) > 1024:
         out.append(f"head dim {max(call.E, call.Ev)} > 1024")
     if call.mask is not None and call.mask.requires_grad:
@@ -141,7 +145,8 @@ def _triton_chunked_ws_reasons(call: "Call") -> list[str]:
 def _triton_decode_reasons(call: "Call") -> list[str]:
     """Split-KV decode renders per-sequence key lengths (and bottom-right causal), no other feature."""
     out = [why for name, why in zip(call.features, feature_reasons(call, "triton_decode")) if name != "kv_lens"]
-    return out + triton_device_reasons(call) + _inference_only_reasons(call) + resources.triton_decode_reasons(call)
+    return (out + triton_device_reasons(call) + _triton_dtype_reasons(call) + _inference_only_reasons(call)
+            + resources.triton_decode_reasons(call))
 
 
 def _native_reasons(backend: str) -> Callable[["Call"], list[str]]:

@@ -15,11 +15,12 @@ the error of the same math in bf16, served by the default plan.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import pytest
 import torch
+
+from attention_inputs import kv_reference
 
 import noflash_tune
 from noflash_tune import contract, device, resources, tuner, variants
@@ -41,35 +42,14 @@ if not CUDA:
     assert os.environ.get("TRITON_INTERPRET") == "1", "conftest sets the interpreter where CUDA is absent"
 
 
-# --- the reference -------------------------------------------------------------------------------------------------
-
-def _reference(q, keys, values, lens, *, causal=True, scale=None, compute=torch.float64):
-    """Sequence by sequence, in ``compute``: q (B, L, Hq, E) against the first n_b keys of (B, ·, Hkv, ·) caches,
-    query i at position n_b - L + i (bottom-right); a row that sees no key outputs 0. Returns (B, L, Hq, Ev)."""
-    B, L, Hq, E = q.shape
-    G = Hq // keys.shape[2]
-    sc = 1.0 / math.sqrt(E) if scale is None else scale
-    outs = []
-    for b, n in enumerate(lens):
-        qb = q[b].to(compute).transpose(0, 1)  # (Hq, L, E)
-        kb = keys[b, :n].to(compute).transpose(0, 1).repeat_interleave(G, 0)  # (Hq, n, E)
-        vb = values[b, :n].to(compute).transpose(0, 1).repeat_interleave(G, 0)
-        s = (qb @ kb.transpose(-1, -2)) * sc
-        if causal:
-            hidden = torch.arange(n).view(1, n) > (n - L + torch.arange(L)).view(L, 1)
-            s = s.masked_fill(hidden.to(s.device), float("-inf"))
-        dead = (s == float("-inf")).all(-1, keepdim=True)
-        p = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
-        outs.append((p @ vb).transpose(0, 1))
-    return torch.stack(outs)
-
+# --- the reference: tests/attention_inputs.kv_reference (per sequence, bottom-right, fp64) -------------------
 
 def _check(out, q, keys, values, lens, **kw):
     """flash-attn's rule: our error against fp64 within twice that of the same math in the input dtype, plus the
     floor of rounding the reference to it (fp32: 2e-6, the exp2 of scores with the scale folded in)."""
     assert torch.isfinite(out).all()
-    ref = _reference(q, keys, values, lens, **kw)
-    low = _reference(q, keys, values, lens, compute=q.dtype, **kw)
+    ref = kv_reference(q, keys, values, lens, **kw)
+    low = kv_reference(q, keys, values, lens, compute=q.dtype, **kw)
     r = ref.to(q.dtype)
     floor = 2 * (((r + 0.3) - 0.3).double() - ref).abs().max().item()
     floor = max(floor, 2e-6) if q.dtype == torch.float32 else floor
@@ -139,7 +119,7 @@ def test_more_splits_than_key_blocks_head_dims_padded_and_rows_that_see_no_key()
     # Top-left causal (SDPA's is_causal with L != S): query i sees keys 0..i; one split writes the output itself.
     plain = contract.normalize(q, keys, values, None, 0.0, True, None, True)
     out1 = fallback.run_variant(Variant(FAMILY, BLOCK_M=16, BLOCK_N=16, splits=1), plain)
-    ref = _reference(q.transpose(1, 2), keys.transpose(1, 2)[:, :L], values.transpose(1, 2)[:, :L], [L, L])
+    ref = kv_reference(q.transpose(1, 2), keys.transpose(1, 2)[:, :L], values.transpose(1, 2)[:, :L], [L, L])
     torch.testing.assert_close(out1.transpose(1, 2).double(), ref, atol=2e-6, rtol=2e-6)
 
 

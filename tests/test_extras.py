@@ -12,7 +12,6 @@ message and leaving the cache untouched; native SDPA and the Triton families but
 With ``-m gpu`` on a CUDA machine: every tier in bf16/fp16/fp32 within twice the input dtype's math error (forward
 and gradients, side streams, fp32-output GEMMs), and the caches there, a plain decode served by a Triton family.
 """
-import math
 import re
 
 import pytest
@@ -27,48 +26,13 @@ from noflash_tune.extras import plan_features
 from noflash_tune.shapes import Bucket
 from noflash_tune.variants import FAMILIES
 
-from attention_inputs import random_qkv
+from attention_inputs import explicit_attention as reference, kv_reference as _kv_reference, random_qkv
 
 TIERS = ["torch_chunked", "torch_online", "torch_inplace"]
 NEG_INF = float("-inf")
 
 
 # --- the reference: explicit L x S masks and biases, in fp64 --------------------------------------------------------
-
-def reference(q, k, v, *, causal=False, window=None, softcap=None, slopes=None, offsets=None, mask=None, scale=None,
-              compute=torch.float64):
-    """Attention written out plainly: scores = scale * q k^T in fp64 (or ``compute``), then softcap, then ALiBi, then
-    the user's mask, then the causal/window pattern, all as full (B, H, L, S) tensors; query row i of batch row b sits
-    at key position i + offsets[b] (0: top-left). A fully masked row outputs 0 (and has zero gradients), as SDPA's
-    math path."""
-    B, H, L, E = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    dev = q.device
-    k = k.to(compute).repeat_interleave(H // Hkv, dim=1)
-    v = v.to(compute).repeat_interleave(H // Hkv, dim=1)
-    sc = 1.0 / math.sqrt(E) if scale is None else scale
-    s = (q.to(compute) @ k.transpose(-1, -2)) * sc
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    off = torch.zeros(B, dtype=torch.long) if offsets is None else torch.as_tensor(offsets, dtype=torch.long)
-    pos = torch.arange(L).view(1, 1, L, 1) + off.view(B, 1, 1, 1)  # p(i)
-    dist = (torch.arange(S).view(1, 1, 1, S) - pos).to(dev)  # j - p(i)
-    if slopes is not None:
-        s = s - slopes.to(compute).expand(B, H).reshape(B, H, 1, 1) * dist.abs().to(compute)
-    if mask is not None:
-        s = s.masked_fill(~mask, NEG_INF) if mask.dtype == torch.bool else s + mask.to(compute)
-    hidden = torch.zeros(B, 1, L, S, dtype=torch.bool, device=dev)
-    if causal:
-        hidden |= dist > 0
-    if window is not None and window[0] is not None:
-        hidden |= dist < -window[0]
-    if window is not None and window[1] is not None:
-        hidden |= dist > window[1]
-    s = s.masked_fill(hidden, NEG_INF)
-    dead = (s == NEG_INF).all(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-    return p @ v
-
 
 def _grads(out, leaves, dout):
     return torch.autograd.grad(out, leaves, dout, allow_unused=True)
@@ -277,20 +241,6 @@ def test_bad_features_raise_value_error_naming_them(kw, match):
 
 
 # --- the KV cache --------------------------------------------------------------------------------------------------
-
-def _kv_reference(q, keys, values, lens, *, causal, window=None, softcap=None, slopes=None, scale=None):
-    """Sequence by sequence: (L, Hq, E) queries against their own n_b keys, aligned bottom-right."""
-    B, L, Hq, _ = q.shape
-    outs = []
-    for b in range(B):
-        n = lens[b]
-        sl = None if slopes is None else slopes.expand(B, Hq)[b:b + 1]
-        kb, vb = keys[b][:n].transpose(0, 1)[None], values[b][:n].transpose(0, 1)[None]  # (1, Hkv, n, ·)
-        o = reference(q[b:b + 1].transpose(1, 2), kb, vb, causal=causal, window=window, softcap=softcap, slopes=sl,
-                      offsets=[n - L], scale=scale)
-        outs.append(o.transpose(1, 2))
-    return torch.cat(outs)
-
 
 def _caches(B, cap, Hkv, E, Ev, page_size, lens, gen, garbage=0.0):
     """The same cached keys in a contiguous cache (B, cap, Hkv, ·) and a paged one (pages in shuffled order, some

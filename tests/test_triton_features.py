@@ -19,7 +19,6 @@ sizes: the default tile in bf16/fp16 within twice the input dtype's math error, 
 What a window saves in time is bench/features.py's to measure; no test here times anything.
 """
 import dataclasses
-import math
 import os
 
 import pytest
@@ -32,6 +31,7 @@ if not CUDA:
 triton = pytest.importorskip("triton")
 
 import noflash_tune  # noqa: E402
+from attention_inputs import explicit_attention as explicit  # noqa: E402
 from noflash_tune import codegen, contract, device, extras  # noqa: E402
 from noflash_tune.codegen import Specialization  # noqa: E402
 from noflash_tune.extras import plan_features  # noqa: E402
@@ -62,40 +62,6 @@ def cpu_triton(monkeypatch):
 
 # --- the reference -------------------------------------------------------------------------------------------------
 
-def explicit(q, k, v, *, causal=False, window=None, softcap=None, slopes=None, offsets=None, lens=None, mask=None,
-             dtype=torch.float64):
-    """Attention with every feature as a full (B, H, L, S) tensor, computed in ``dtype``: scores = q k^T / sqrt(E),
-    then softcap, ALiBi, the user's mask, and the hidden keys (causal, the window, keys past ``lens[b]``) as -inf.
-    Query i of batch row b sits at key position i + offsets[b]. Rows with no visible key output 0."""
-    B, H, L, E = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    k = k.to(dtype).repeat_interleave(H // Hkv, 1)
-    v = v.to(dtype).repeat_interleave(H // Hkv, 1)
-    s = (q.to(dtype) @ k.transpose(-1, -2)) / math.sqrt(E)
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    off = torch.zeros(B, dtype=torch.long) if offsets is None else torch.as_tensor(offsets, dtype=torch.long)
-    dist = torch.arange(S).view(1, 1, 1, S) - (torch.arange(L).view(1, 1, L, 1) + off.view(B, 1, 1, 1))
-    dist = dist.to(q.device)  # j - p(i)
-    if slopes is not None:
-        s = s - slopes.to(dtype).expand(B, H).reshape(B, H, 1, 1) * dist.abs().to(dtype)
-    if mask is not None:
-        s = s.masked_fill(~mask, NEG_INF)
-    hidden = torch.zeros(B, 1, L, S, dtype=torch.bool, device=q.device)
-    if causal:
-        hidden |= dist > 0
-    if window is not None and window[0] is not None:
-        hidden |= dist < -window[0]
-    if window is not None and window[1] is not None:
-        hidden |= dist > window[1]
-    if lens is not None:
-        hidden |= (torch.arange(S).view(1, S) >= torch.as_tensor(lens).view(B, 1)).view(B, 1, 1, S).to(q.device)
-    s = s.masked_fill(hidden, NEG_INF)
-    dead = (s == NEG_INF).all(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
-    return p @ v
-
-
 def _close(name, ours, ref, low):
     """fp32: within 2e-5 of fp64. Half: flash-attn's rule, at most twice the error of the same math in the half
     dtype, plus twice the rounding of the reference to it."""
@@ -124,7 +90,7 @@ def _forward_backward(fn, ref_kw, q, k, v, g, leaves="qkv"):
     low = [t.detach().clone().requires_grad_(n in leaves) for n, t in zip("qkv", (q, k, v))]
     out = fn(*ours)
     want = explicit(*ref, **ref_kw)
-    low_out = explicit(*low, dtype=q.dtype, **ref_kw)
+    low_out = explicit(*low, compute=q.dtype, **ref_kw)
     _close("out", out.detach(), want.detach(), low_out.detach())
     dout = torch.randn(out.shape, generator=g).to(DEV, q.dtype)
     picked = [names[n] for n in leaves]
@@ -280,7 +246,7 @@ def test_kvcache_bottom_right(cpu_triton, lens, feats, dtype):
     q_ref = q.transpose(1, 2).double().requires_grad_()
     q_low = q.transpose(1, 2).clone().requires_grad_()
     want = explicit(q_ref, keys, values, **ref_kw)
-    low = explicit(q_low, keys, values, dtype=dtype, **ref_kw)
+    low = explicit(q_low, keys, values, compute=dtype, **ref_kw)
     _close("out", out.transpose(1, 2).detach(), want.detach(), low.detach())
     dout = torch.randn(out.shape, generator=g).to(DEV, dtype)
     (dq,) = torch.autograd.grad(out, [q_ours], dout)
@@ -410,5 +376,5 @@ def test_gpu_kvcache_ragged_decode_and_prefill_chunks():
         ref_kw = dict(causal=True, window=(1024, 0), softcap=30.0, slopes=slopes, offsets=[n - L for n in totals],
                       lens=totals)
         want = explicit(q.transpose(1, 2), keys, values, **ref_kw)
-        low = explicit(q.transpose(1, 2), keys, values, dtype=torch.bfloat16, **ref_kw)
+        low = explicit(q.transpose(1, 2), keys, values, compute=torch.bfloat16, **ref_kw)
         _close(f"out L={L}", out.transpose(1, 2), want, low)

@@ -114,19 +114,13 @@ def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidate
 
 
 def _any_of_ours_evaluated(trials) -> bool:
-    """Whether the search ran any candidate of ours to an outcome (timed, failed, over the cap, inaccurate): one
-    that the deadline cut, or that needed no run, does not count."""
-    for t in trials:
-        vid = t.user_attrs.get("variant") or ""
-        if not vid or vid.startswith("native:"):
-            continue
-        st = t.user_attrs.get("status", "")
-        if st in ("deadline", "duplicate", "pruned_analytic", "pruned_family"):
-            continue
-        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or st.startswith("failed") \
-                or t.state == optuna.trial.TrialState.FAIL:
-            return True
-    return False
+    """Whether the search ran any candidate of ours to an outcome (timed: COMPLETE; failed, over the cap or
+    inaccurate: PRUNED with that status): one the deadline cut or a killed run left (FAIL), or that needed no run
+    (a duplicate, pruned analytically or as a family far behind), does not count."""
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    unrun = ("duplicate", "pruned_analytic", "pruned_family")
+    return any(t.state in done and not (t.user_attrs.get("variant") or "native:").startswith("native:")
+               and t.user_attrs.get("status", "") not in unrun for t in trials)
 
 
 def results_to_config(results: list[BucketResult], opts: TuneOptions) -> dict:
