@@ -56,3 +56,37 @@ def interpreter_scalars_as_indices() -> None:
 
     with_index._noflash_shim = True
     interpreter._patch_lang_tensor = with_index
+
+
+def timing_table(rows: list[dict], title: str):
+    """The rich table of timed rows {case, impl, ms, ms_range, tflops, ratio, ratio_to, served_by} (a row with ms
+    None shows why: ``skipped`` or ``error``): bench/features.py's and bench/varlen.py's."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("case", "impl", "ms (range)", "TFLOP/s", "ratio", "served by"):
+        t.add_column(col)
+    for r in rows:
+        if r["ms"] is None:
+            why = f"skipped: {r['skipped']}" if r.get("skipped") else f"failed: {r['error']}"
+            t.add_row(r["case"], r["impl"], "-", "-", "-", why)
+            continue
+        ratio = f"{r['ratio']:.2f} x {r['ratio_to']}" if r["ratio"] is not None else "-"
+        t.add_row(r["case"], r["impl"], f"{r['ms']:.3f} ({r['ms_range'][0]:.3f}-{r['ms_range'][1]:.3f})",
+                  f"{r['tflops']:.1f}" if r["tflops"] >= 0.1 else f"{r['tflops']:.2g}", ratio, r["served_by"])
+    return t
+
+
+def captured(fn, calls: int = 1):
+    """``fn`` warmed once on a side stream (as CUDA-graph capture asks: compiles, allocator pools, lazy inits happen
+    outside it), then ``calls`` calls of it captured back to back in one graph: (the graph, the last output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            out = fn()
+    return graph, out

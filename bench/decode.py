@@ -16,7 +16,10 @@ clock drift cancels), each impl times ``--reps`` back-to-back calls (CUDA events
 - ``ours-paged-16``, ``ours-paged-256``: the same on a paged cache of 16- and 256-slot pages, the cache's own
   storage seen as pages in a shuffled block table;
 - ``kernel``, ``kernel-paged-16``, ``kernel-paged-256``: the plan's variant launched alone
-  (``noflash_tune.runtime.decode.run``: no argument checks), the kernels' own time.
+  (``noflash_tune.runtime.decode.run``: no argument checks), the kernels' own time where they outlast the host's
+  launch (below ~100 MB of K and V the launch is the floor);
+- ``kernel-graph`` (a GPU): the same launches captured in a CUDA graph and replayed, the kernels' time alone, with
+  no host work at all (a decode loop that captures its step gets this).
 
 GB/s = bytes of K and V read (B x S x Hkv x 2D x 2) / time; no cache is flushed between calls, so a cache
 smaller than the last-level cache (B=1, S=1k: 4 MiB) is read from it, as in a tight decode loop of one layer. The
@@ -45,7 +48,7 @@ from noflash_tune.extras import plan_features  # noqa: E402
 from noflash_tune.runtime import decode  # noqa: E402
 from noflash_tune.runtime.native import original_sdpa  # noqa: E402
 from noflash_tune.variants import Variant  # noqa: E402
-from bench._shared import beyond_json, interpreter_scalars_as_indices, merge_rows  # noqa: E402
+from bench._shared import beyond_json, captured, interpreter_scalars_as_indices, merge_rows  # noqa: E402
 
 HQ, HKV = 32, 8
 PAGE_SIZES = (16, 256)
@@ -128,6 +131,19 @@ class Case:
         return float((ours - ref).abs().max())
 
 
+def graph_ms(fn, reps: int) -> float:
+    """One call of ``fn`` in ms, from CUDA-graph replays of ``reps`` calls captured back to back (warmed on a side
+    stream first, as capture asks): the GPU's time for them, the host's launches out of the picture."""
+    graph, _ = captured(fn, reps)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def run(args) -> tuple[list[dict], list[str]]:
     g = grid(args.device, args.quick)
     rows, skipped = [], []
@@ -155,9 +171,13 @@ def run(args) -> tuple[list[dict], list[str]]:
                 diff = case.check(impls) if {"ours", "native"} <= set(impls) else float("nan")
                 times = {name: [] for name in impls}
                 order = list(impls)
+                if args.device == "cuda" and "kernel" in impls:
+                    times["kernel-graph"] = []
+                    order.append("kernel-graph")
                 for r in range(g["rounds"]):
                     for name in (order if r % 2 == 0 else order[::-1]):
-                        times[name].append(measure.median_ms(impls[name], args.device, g["reps"]))
+                        times[name].append(graph_ms(impls["kernel"], g["reps"]) if name == "kernel-graph" else
+                                           measure.median_ms(impls[name], args.device, g["reps"]))
             for name, ts in times.items():
                 ms = statistics.median(ts)
                 rows.append(dict(case=case.name, impl=name, ms=ms, gbps=case.bytes / (ms * 1e-3) / 1e9,

@@ -50,7 +50,7 @@ from noflash_tune import contract, device as devmod, measure  # noqa: E402
 from noflash_tune.runtime.fallback import run_variant  # noqa: E402
 from noflash_tune.runtime.native import original_sdpa  # noqa: E402
 from noflash_tune.variants import Variant  # noqa: E402
-from bench._shared import beyond_json, interpreter_scalars_as_indices, merge_rows  # noqa: E402
+from bench._shared import beyond_json, interpreter_scalars_as_indices, merge_rows, timing_table  # noqa: E402
 
 NATIVE = "native SDPA (its own choice)"
 
@@ -260,23 +260,6 @@ def run(args) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], title: str):
-    from rich.table import Table
-
-    t = Table(title=title)
-    for col in ("case", "impl", "ms (range)", "TFLOP/s", "ratio", "served by"):
-        t.add_column(col)
-    for r in rows:
-        if r["ms"] is None:
-            why = f"skipped: {r['skipped']}" if r.get("skipped") else f"failed: {r['error']}"
-            t.add_row(r["case"], r["impl"], "-", "-", "-", why)
-            continue
-        ratio = f"{r['ratio']:.2f} x {r['ratio_to']}" if r["ratio"] is not None else "-"
-        t.add_row(r["case"], r["impl"], f"{r['ms']:.3f} ({r['ms_range'][0]:.3f}-{r['ms_range'][1]:.3f})",
-                  f"{r['tflops']:.1f}" if r["tflops"] >= 0.1 else f"{r['tflops']:.2g}", ratio, r["served_by"])
-    return t
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -297,7 +280,7 @@ def main(argv=None) -> int:
     merge_rows(rows, out, "features", meta)
     from rich.console import Console
 
-    Console(width=220).print(table(rows, f"features on {meta['device']} (torch {v['torch']}, triton "
+    Console(width=220).print(timing_table(rows, f"features on {meta['device']} (torch {v['torch']}, triton "
                                          f"{v['triton']}); rows in {out}"))
     return 0
 

@@ -43,6 +43,8 @@ def cases(device: str) -> list[dict]:
                  dtype=bf, kw=dict(is_causal=True), calls=200),
             dict(case="ours (FORCE): decode L=1 S=4096 GQA 32/8 D=128 bf16", q=(1, 32, 1, 128),
                  kv=(1, 8, 4096, 128), dtype=bf, kw=dict(enable_gqa=True), calls=1000, force=True),
+            dict(case="ours (FORCE): decode B=8 L=1 S=8192 GQA 32/8 D=128 bf16", q=(8, 32, 1, 128),
+                 kv=(8, 8, 8192, 128), dtype=bf, kw=dict(enable_gqa=True), calls=1000, force=True),
         ]
     return [
         dict(case="L=1 S=64 H=8 D=64 fp32", q=(1, 8, 1, 64), kv=(1, 8, 64, 64), dtype=torch.float32, kw={},

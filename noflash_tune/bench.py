@@ -30,7 +30,12 @@ def bench_shapes(preset: str, device_type: str, native: str, sizes: tuple[int, .
     from .shapes import load_shapes
 
     if preset != "bench":
-        return load_shapes(preset, device_type)
+        shapes = load_shapes(preset, device_type)
+        featured = [s.label() for s in shapes if s.features]
+        if featured:  # every impl here takes SDPA's arguments: timed without their features, the rows would lie
+            raise ValueError(f"bench times SDPA calls; shapes with features beyond SDPA ({featured[0]}...) are "
+                             "timed by bench/features.py")
+        return shapes
     if device_type == "cpu":
         return [Shape(B=1, H=heads or 8, L=n, E=d, dtype="fp32", causal=c) for d in head_dims or (64,)
                 for c in (False, True) for n in sizes or (512, 1024, 2048)]

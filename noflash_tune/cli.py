@@ -87,6 +87,17 @@ def winners_table(entries, title: str) -> Table:
     return table
 
 
+def print_winners(entries, title: str) -> None:
+    """The winners table, then a line per feature bucket (its key names the features) with the values its shape
+    was measured at: a window's sides, the softcap (in a line of its own, so that the table keeps its columns)."""
+    entries = list(entries)
+    console.print(winners_table(entries, title))
+    for e in entries:
+        if e.shape.features:
+            console.print(f"features {e.key}: {', '.join(e.shape.feature_labels())}", markup=False,
+                          highlight=False)
+
+
 # --- subcommands ------------------------------------------------------------------------------------------
 
 def cmd_tune(args) -> int:
@@ -140,8 +151,8 @@ def cmd_tune(args) -> int:
         results = tuner.tune(shapes, opts, console=console, on_result=lambda r: (done.append(r), write(done)))
     cfg = write(results)
     clear_cache()
-    console.print(winners_table(sorted(cfg.entries.values(), key=lambda e: e.key),
-                                f"tuned winners on {key} ({torch.__version__}), written to {path}"))
+    print_winners(sorted(cfg.entries.values(), key=lambda e: e.key),
+                  f"tuned winners on {key} ({torch.__version__}), written to {path}")
     counts = {}
     for r in results:
         for k2, n in r.counts.items():
@@ -167,7 +178,7 @@ def cmd_show(args) -> int:
         for path, why in cs.skipped:
             console.print(f"skipped {path}: {why}")
         return 0
-    console.print(winners_table(sorted(cs.entries, key=lambda e: e.key), f"tuned configs for {key}"))
+    print_winners(sorted(cs.entries, key=lambda e: e.key), f"tuned configs for {key}")
     console.print("files: " + ", ".join(str(p) for p in cs.files))
     stale = [e for e in cs.entries if e.stale]
     if stale:
@@ -287,11 +298,18 @@ def cmd_explain(args) -> int:
     from .shapes import Shape
 
     dev = _device_for(args.gpu)
+    window = None
+    if args.window is not None:
+        try:
+            window = [None if side.strip() in ("", "inf") else int(side) for side in args.window.split(",")]
+        except ValueError:
+            raise CliError(f"--window takes LEFT,RIGHT (ints, or inf for unbounded), got {args.window!r}") from None
     s = Shape(B=args.batch, H=args.heads, Hkv=args.kv_heads or args.heads, L=args.seq_q, S=args.seq_k or args.seq_q,
               E=args.head_dim, Ev=args.head_dim_v or args.head_dim, dtype=args.dtype, causal=args.causal,
-              mask=args.mask, grad=args.grad)
+              mask=args.mask, grad=args.grad, window=window, softcap=args.softcap, alibi=args.alibi)
     q, k, v, mask = s.empty_inputs(dev, requires_grad=s.grad)
-    console.print(str(explain(q, k, v, attn_mask=mask, is_causal=s.causal, enable_gqa=s.Hkv != s.H)),
+    feats = s.feature_kwargs(dev)
+    console.print(str(explain(q, k, v, attn_mask=mask, is_causal=s.causal, enable_gqa=s.Hkv != s.H, **feats)),
                   markup=False, highlight=False)
     return 0
 
@@ -384,7 +402,8 @@ def _parse_families(text: str | None) -> tuple[str, ...] | None:
 def _tune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", default="auto", help="auto, cpu, or this device's key (sm_90, gfx906, cpu-x86_64…)")
     p.add_argument("--shapes", default="default",
-                   help="preset (smoke, cpu, llm, diffusion, video, large-d, default) or a JSON shape file")
+                   help="preset (smoke, cpu, llm, diffusion, video, large-d, default; beyond: windows, softcap, "
+                        "ALiBi) or a JSON shape file")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="override the shapes' dtype")
     p.add_argument("--vram-cap", help="GiB; default 90%% of free device memory (CPU: of available RAM)")
     p.add_argument("--trials", type=int, help="at most this many trials per shape")
@@ -450,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--causal", action="store_true")
     sp.add_argument("--mask", default="none", choices=("none", "bool", "float"))
     sp.add_argument("--grad", action="store_true")
+    sp.add_argument("--window", help="LEFT,RIGHT: a sliding window (noflash_tune.attention's; inf: unbounded)")
+    sp.add_argument("--softcap", type=float, help="logit soft-capping at this value")
+    sp.add_argument("--alibi", action="store_true", help="ALiBi, with the standard geometric slopes")
     sp = sub.add_parser("doctor", help="the device, native backends, config files found, and typical plans")
     sp.add_argument("--gpu", default="auto")
     sp = sub.add_parser("bench", help="benchmark against native SDPA backends, FlexAttention and "

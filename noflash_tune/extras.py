@@ -31,10 +31,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import contract, defaults
+from . import contract, defaults, varlen
+from .planning import PlannedCall
 from .runtime import decode, dispatch, fallback, plans, settings
 from .runtime.plans import Plan
-from .shapes import Bucket
+from .shapes import Bucket, FeatureBucket
 from .variants import FAMILIES, NATIVE_BACKENDS, Variant
 
 __all__ = ["attention", "attention_with_kvcache", "explain", "plan_features"]
@@ -64,12 +65,37 @@ def _describe(call: contract.Call) -> str:
     return text + (" [" + ", ".join(extra) + "]" if extra else "")
 
 
+def _tuned_plan(call: contract.Call, bucket: Bucket, base: dict, feats: str) -> Plan | None:
+    """The plan of the tuned entry for a feature call's bucket, or None where the device's configs hold none.
+
+    The store's lookup, as for an SDPA call: the exact bucket, else the nearest in sequence lengths among entries of
+    the same family key, which for a feature bucket includes its features (an SDPA entry never serves a feature
+    call, nor a feature entry an SDPA call: their keys and family keys differ). Only entries with a variant that
+    may serve this call count (its family's reasons, the analytic pruning). There is no comparison with native:
+    none serves such a call, and a feature entry records none."""
+    if not isinstance(bucket, FeatureBucket):
+        return None  # window=(None, None): no feature left, a call no feature entry was measured on
+    if isinstance(call, PlannedCall):
+        return None  # as if on another device (noflash_tune.planning): its untuned plan, with no driver to ask
+    cs = plans.configs_for(call.q.device)
+    found = cs.lookup(bucket, lambda e: plans._best_of_ours(e, call) is not None) if cs is not None else None
+    if found is None:
+        return None
+    entry, how = found
+    mine = plans._best_of_ours(entry, call)
+    ms = entry.ms if mine == entry.winner else dict(entry.runners_up).get(mine, entry.ms)
+    where = f"{how} bucket {entry.bucket.key}, measured at {entry.shape.label()}"
+    if entry.source is not None:
+        where += f", from {entry.source}"
+    return Plan(variant=mine, source="tuned", reason=f"{feats}: beyond native SDPA; tuned ({where}): {ms:.3g} ms",
+                chain=fallback.chain_for(mine, call), entry=entry, **base)
+
+
 def plan_features(call: contract.Call) -> Plan:
-    """What serves a call with features (or bottom-right alignment): the first family, in the dispatcher's order,
-    that supports it (the PyTorch tiers; a Triton family where it supports every feature), its fitting default,
-    and the fallback chain after it, with every other family's reasons. There are no tuned entries for such calls
-    yet (their bucket key names the features, so no SDPA entry matches), and native SDPA is never the last resort.
-    """
+    """What serves a call with features (or bottom-right alignment): its bucket's tuned entry where the device's
+    configs hold one (:func:`_tuned_plan`), else the first family, in the dispatcher's order, that supports it (the
+    PyTorch tiers; a Triton family where it supports every feature) with its fitting default; the fallback chain
+    after it, with every other family's reasons. Native SDPA is never the last resort."""
     bucket = Bucket.of(call)
     rejected: dict[str, list[str]] = {}
     supported = []
@@ -84,16 +110,19 @@ def plan_features(call: contract.Call) -> Plan:
         if why:
             rejected[f"native:{b}"] = why
     base = dict(bucket=bucket, rejected=rejected, call_repr=_describe(call))
+    feats = ", ".join(call.features) or "bottom-right alignment"
+    tuned = _tuned_plan(call, bucket, base, feats) if supported else None
+    if tuned is not None:
+        return tuned
     chosen = defaults.default_variant(call, supported) if supported else None
     if chosen is None:
         why = f"no variant of {', '.join(supported)} fits this call" if supported else \
             "no noflash-tune family supports this call"
         return Plan(variant=None, source="none", reason=why + " (and native SDPA cannot serve its features)",
                     **base)
-    feats = ", ".join(call.features) or "bottom-right alignment"
     return Plan(variant=chosen, source="default",
-                reason=f"{feats}: beyond native SDPA; {chosen.family}'s fitting default (no tuned entries for "
-                       "features yet)", chain=fallback.chain_for(chosen, call), **base)
+                reason=f"{feats}: beyond native SDPA; {chosen.family}'s fitting default (no tuned entry for this "
+                       "bucket)", chain=fallback.chain_for(chosen, call), **base)
 
 
 def _serve(call: contract.Call, variant: Variant | None, originals: tuple) -> Tensor:
@@ -122,16 +151,49 @@ def _serve(call: contract.Call, variant: Variant | None, originals: tuple) -> Te
 
 # --- attention with features, in SDPA's layout ---------------------------------------------------------------------
 
+def _dense_path(variant, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes):
+    """``dense(q_b, k_b, v_b, slopes_b)``: the path one sequence of a packed call takes, chosen once a call. With
+    features, :func:`attention`'s feature path (its plan, or ``variant`` exactly); without, ``variant`` exactly
+    where one is named, else the dispatcher, as SDPA through the patch: the sequence's bucket's tuned winner, a
+    fitting default, or native SDPA where native measured faster (unlike a dense :func:`attention` call, which
+    never picks native: a packed call is SDPA's call of each sequence, served as the patch serves it)."""
+    if _has_features(window, softcap, alibi_slopes):
+        def dense(qb, kb, vb, slopes):
+            return attention(qb, kb, vb, variant, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                             enable_gqa=enable_gqa, window=window, softcap=softcap, alibi_slopes=slopes)
+    elif variant is not None:
+        def dense(qb, kb, vb, slopes):
+            return dispatch.attention(qb, kb, vb, variant, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                      enable_gqa=enable_gqa)
+    else:
+        sdpa = dispatch.sdpa
+
+        def dense(qb, kb, vb, slopes):
+            return sdpa(qb, kb, vb, None, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    return dense
+
+
 def attention(query: Tensor, key: Tensor, value: Tensor, variant: Variant | None = None, *,
               attn_mask: Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False, scale=None,
-              enable_gqa: bool = False, window=None, softcap=None, alibi_slopes=None) -> Tensor:
+              enable_gqa: bool = False, window=None, softcap=None, alibi_slopes=None, cu_seqlens_q=None,
+              cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None) -> Tensor:
     """SDPA's arguments and layout ((B, H, L, E) q; k/v (B, Hkv, S, ·)) plus ``window``, ``softcap`` and
     ``alibi_slopes`` (see the module's docstring; top-left alignment, as SDPA's ``is_causal``).
 
     ``variant``: run exactly that variant (no fallback): for tests, benchmarks and users who know best. Without
     features this is ``noflash_tune.runtime.attention``, unchanged: the chosen or default variant, exactly. With
     features and no ``variant``, the first family that supports them serves, with the PyTorch tiers' fallback
-    chain behind it; native SDPA never does (it has none of them). Gradients flow to q, k, v and a float mask."""
+    chain behind it; native SDPA never does (it has none of them). Gradients flow to q, k, v and a float mask.
+
+    With ``cu_seqlens_q``/``cu_seqlens_k``: packed sequences in flash-attn's varlen layout, q (total_q, Hq, E),
+    out (total_q, Hq, Ev), each sequence one dense call (noflash_tune/varlen.py; without ``variant``, each gets the
+    dispatcher's plan for its own shape, native SDPA included where it measured faster)."""
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        dense = _dense_path(variant, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes)
+        return varlen.attention(dense, query, key, value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, attn_mask=attn_mask,
+                                dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                                window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     if not _has_features(window, softcap, alibi_slopes):
         return dispatch.attention(query, key, value, variant, attn_mask=attn_mask, dropout_p=dropout_p,
                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -141,9 +203,28 @@ def attention(query: Tensor, key: Tensor, value: Tensor, variant: Variant | None
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
-            window=None, softcap=None, alibi_slopes=None) -> Plan:
+            window=None, softcap=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+            max_seqlen_k=None, variant=None) -> Plan:
     """The plan a call would get, with every rejected candidate's reason (``print(plan)`` reads well). With
-    features, the plan :func:`attention` follows (its bucket key names them, e.g. ``.../fwd/window+alibi``)."""
+    features, the plan :func:`attention` follows (its bucket key names them, e.g. ``.../fwd/window+alibi``). With
+    cu_seqlens, or for SDPA on nested tensors, a ``varlen.VarlenPlan``: what serves each bucket of sequences."""
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        def dense_plan(qb, kb, vb, slopes):
+            return explain(qb, kb, vb, None, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, window=window,
+                           softcap=softcap, alibi_slopes=slopes)
+
+        return varlen.explain(dense_plan, query, key, value, attn_mask, dropout_p, is_causal,
+                              cu_seqlens_q=cu_seqlens_q,
+                              cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                              scale=scale, enable_gqa=enable_gqa, window=window, softcap=softcap,
+                              alibi_slopes=alibi_slopes, variant=variant)
+    if getattr(query, "is_nested", False):
+        if _has_features(window, softcap, alibi_slopes):
+            raise ValueError("window, softcap and alibi_slopes are attention()'s (packed, with cu_seqlens); SDPA on "
+                             "nested tensors has none of them")
+        from .runtime import nested
+
+        return nested.explain(dispatch.dense_call, query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     if not _has_features(window, softcap, alibi_slopes):
         return dispatch.explain(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                 enable_gqa=enable_gqa)

@@ -32,12 +32,16 @@ from .variants import Variant
 
 
 def math_attention(q, k, v, mask=None, causal=False, scale=None, enable_gqa=False, dtype=None, order="k",
-                   causal_bottom_right=False):
+                   causal_bottom_right=False, features=None):
     """SDPA's math semantics, explicitly, computed in ``dtype`` (default: the inputs'); autograd-capable.
 
     With ``dtype`` a low precision this is flash-attn's ``upcast=False`` baseline: the same math with no upcast.
     ``order`` places the scale: "k" (flash-attn's reorder_ops), "q", or "split" (native math: sqrt(scale) on both).
     ``causal_bottom_right`` aligns the causal pattern to the last key (flash-attn's convention; SDPA's is top-left).
+    ``features``: 4-D inputs with the features beyond SDPA, as ``contract.with_features`` takes them (window,
+    softcap, alibi_slopes, bottom_right, kv_lens with kv_bounds), applied as extras.py's docstring defines them:
+    the softcap on the scaled scores, then ALiBi's bias, the mask, and the keys hidden by causality, the window and
+    the lengths, every distance from the aligned position p(i).
     """
     dt = dtype or q.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
@@ -53,17 +57,48 @@ def math_attention(q, k, v, mask=None, causal=False, scale=None, enable_gqa=Fals
     else:
         s = q @ (k * sc).transpose(-1, -2)
     L, S = q.size(-2), k.size(-2)
-    if causal:
-        diag = S - L + 1 if causal_bottom_right else 1
-        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(diag), float("-inf"))
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(dt)
+    if features:
+        s = _with_features(s, mask, causal, features)
+    else:
+        if causal:
+            diag = S - L + 1 if causal_bottom_right else 1
+            s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(diag), float("-inf"))
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(dt)
     mx = s.amax(-1, keepdim=True).detach()
     mx = mx.masked_fill(mx == float("-inf"), 0.0)
     p = (s - mx).exp()
     den = p.sum(-1, keepdim=True)
     p = p / torch.where(den == 0, torch.ones_like(den), den)  # a fully masked row: 0, with 0 gradients
     return p @ v
+
+
+def _with_features(s, mask, causal, features: dict):
+    """(B, H, L, S) scaled scores with the features, the mask and the hidden keys applied (``math_attention``)."""
+    B, H, L, S = s.shape
+    dev, dt = s.device, s.dtype
+    cap = features.get("softcap")
+    if cap is not None:
+        s = cap * torch.tanh(s / cap)
+    lens = features.get("kv_lens")
+    n = lens.to(dev, torch.int64) if lens is not None else torch.full((B,), S, dtype=torch.int64, device=dev)
+    offset = n - L if features.get("bottom_right") else torch.zeros_like(n)
+    pos = torch.arange(L, device=dev).view(1, L, 1) + offset.view(B, 1, 1)  # p(i)
+    dist = torch.arange(S, device=dev).view(1, 1, S) - pos  # j - p(i), (B, L, S)
+    slopes = features.get("alibi_slopes")
+    if slopes is not None:
+        s = s - slopes.to(dev, dt).expand(B, H).reshape(B, H, 1, 1) * dist.abs().to(dt).unsqueeze(1)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(dt)
+    hidden = torch.arange(S, device=dev).view(1, 1, S) >= n.view(B, 1, 1)
+    left, right = features.get("window") or (None, None)
+    if causal:
+        hidden = hidden | (dist > 0)
+    if left is not None:
+        hidden = hidden | (dist < -left)
+    if right is not None:
+        hidden = hidden | (dist > right)
+    return s.masked_fill(hidden.unsqueeze(1), float("-inf"))
 
 
 def rounding_floor(ref: torch.Tensor, dtype: torch.dtype, max_logit: float = 0.0) -> float:
@@ -107,13 +142,19 @@ def _native_name(call) -> str:
 
 
 def check_accuracy(run, q, k, v, mask=None, causal=False, scale=None, enable_gqa=False, grads=False,
-                   seed=0, baseline: str = "auto", native=None) -> Accuracy:
+                   seed=0, baseline: str = "auto", native=None, features: dict | None = None) -> Accuracy:
     """Check ``run(q, k, v, attn_mask=, is_causal=, scale=, enable_gqa=)`` against the 2x rule.
 
     ``baseline``: "auto" (the rule: native's own error where it has a fused kernel for the call or runs on a CPU,
     else math in the input dtype; :func:`noflash_tune.precision.accuracy_baseline`), "native" or "math" to force
     one. ``native``: the callable run as native (default: SDPA as captured before noflash-tune patched it,
-    unpinned). The result's ``baseline`` says which was used."""
+    unpinned). The result's ``baseline`` says which was used.
+
+    ``features`` (``contract.with_features``'s keyword arguments): ``run`` gets them as ``features=``, the
+    reference and the baseline compute them (:func:`math_attention`), and the baseline is the math in the input
+    dtype: no native backend serves such a call, so there is no error of one to hold ours to, and the same math
+    without upcast is flash-attn's own rule for its window, softcap and ALiBi tests. The score precision the
+    plain call's backend would keep is still required, by the analytic pruning (:mod:`noflash_tune.precision`)."""
     from . import precision
     from .runtime.native import original_sdpa
 
@@ -142,12 +183,15 @@ def check_accuracy(run, q, k, v, mask=None, causal=False, scale=None, enable_gqa
     kw = dict(is_causal=causal, scale=scale, enable_gqa=enable_gqa)
     ins_ours, m_ours = inputs(dt)
     call = contract.normalize(*ins_ours, attn_mask=m_ours, **kw)  # what native's backends are asked about
-    if baseline == "auto":
+    if features:
+        baseline = "math"
+    elif baseline == "auto":
         baseline = precision.accuracy_baseline(call)
-    out = run(*ins_ours, attn_mask=m_ours, **kw)
+    out = run(*ins_ours, attn_mask=m_ours, **kw, **({"features": features} if features else {}))
 
     ins_ref, m_ref = inputs(hp)
-    ref = math_attention(*ins_ref, mask=m_ref, causal=causal, scale=scale, enable_gqa=enable_gqa, dtype=hp)
+    ref = math_attention(*ins_ref, mask=m_ref, causal=causal, scale=scale, enable_gqa=enable_gqa, dtype=hp,
+                         features=features)
 
     names = ["out"] + (["dq", "dk", "dv"] + (["dmask"] if trainable_mask else []) if grads else [])
     go = None
@@ -169,7 +213,8 @@ def check_accuracy(run, q, k, v, mask=None, causal=False, scale=None, enable_gqa
         for o in MATH_ORDERS:
             ins_lp, m_lp = inputs(dt)
             out_sets.append(results(math_attention(*ins_lp, mask=m_lp, causal=causal, scale=scale,
-                                                   enable_gqa=enable_gqa, dtype=dt, order=o), ins_lp, m_lp))
+                                                   enable_gqa=enable_gqa, dtype=dt, order=o, features=features),
+                                    ins_lp, m_lp))
         return out_sets
 
     math_what = f"math in {str(dt).replace('torch.', '')}, orders {'/'.join(MATH_ORDERS)}"
@@ -236,7 +281,9 @@ def check_accuracy(run, q, k, v, mask=None, causal=False, scale=None, enable_gqa
 
 
 def variant_fn(variant: Variant):
-    """A callable with SDPA's signature that runs exactly ``variant`` (a native one pinned to its backend)."""
+    """A callable with SDPA's signature that runs exactly ``variant`` (a native one pinned to its backend). Ours
+    also takes ``features=`` (``contract.with_features``'s arguments): the call is normalised, given them and run
+    by the variant, as ``noflash_tune.attention(..., variant=)`` runs a call with features."""
     if variant.kind == "native":
         from .runtime.native import original_sdpa, pinned
 
@@ -247,9 +294,13 @@ def variant_fn(variant: Variant):
                 return original_sdpa(*args, **kwargs)
         return run_native
     from .runtime.dispatch import attention
+    from .runtime.fallback import run_variant
 
-    def run_ours(*args, **kwargs):
-        return attention(*args, variant=variant, **kwargs)
+    def run_ours(q, k, v, *args, features=None, **kwargs):
+        if not features:
+            return attention(q, k, v, *args, variant=variant, **kwargs)
+        call = contract.with_features(contract.normalize(q, k, v, *args, **kwargs), **features)
+        return run_variant(variant, call).reshape(call.out_shape)
     return run_ours
 
 
@@ -269,21 +320,36 @@ def check_variant(variant: Variant, shape: Shape, device, seed: int = 0, baselin
     ``scales`` (None: the default scale; default: ``HALF_PRECISION_SCALES`` for fp16/bf16 shapes, else the default
     scale only). Rows of a scale other than the default are named ``<row>@scale=<s>``. A native backend (the tuner
     times them beside ours) is held to the math in the input dtype: the rule against native is ours to meet."""
-    small = Shape(B=1, H=min(shape.H, 2 * shape.gqa), Hkv=max(1, min(shape.H, 2 * shape.gqa) // shape.gqa),
-                  L=min(shape.L, 257), S=min(shape.S, 301), E=shape.E, Ev=shape.Ev, dtype=shape.dtype,
-                  causal=shape.causal, mask=shape.mask, grad=shape.grad)
+    small = small_shape(shape)
     q, k, v, mask = small.make_inputs(device, seed)
     if variant.kind == "native" and baseline == "auto":
         baseline = "math"  # a native backend is what we replace, not ours: flash-attn's rule, as it always had
     if scales is None:
         scales = HALF_PRECISION_SCALES if shape.dtype in ("fp16", "bf16") else (None,)
+    features = small.feature_kwargs(device) or None
     rows, ok, what = {}, True, ""
     for sc in scales:
         acc = check_accuracy(variant_fn(variant), q, k, v, mask, causal=shape.causal, scale=sc,
-                             enable_gqa=shape.gqa > 1, grads=shape.grad, seed=seed, baseline=baseline)
+                             enable_gqa=shape.gqa > 1, grads=shape.grad, seed=seed, baseline=baseline,
+                             features=features)
         rows.update({(n if sc is None else f"{n}@scale={sc:g}"): r for n, r in acc.rows.items()})
         ok, what = ok and acc.ok, what or acc.baseline
     return Accuracy(ok=ok, rows=rows, baseline=what)
+
+
+def small_shape(shape: Shape) -> Shape:
+    """The accuracy check's size of ``shape``: one batch row (two with per-sequence key lengths, which must
+    differ), at most two KV heads' groups, L <= 257 and S <= 301 (odd tails), the same dtype, head dims, flags and
+    features; a window side longer than the small S shrinks with S, so that the band still hides keys."""
+    h = min(shape.H, 2 * shape.gqa)
+    S = min(shape.S, 301)
+    window = shape.window
+    if window is not None:
+        window = tuple(side if side is None or side < S else max(1, side * S // shape.S) for side in window)
+    return Shape(B=2 if shape.kv_lens else 1, H=h, Hkv=max(1, h // shape.gqa), L=min(shape.L, 257), S=S,
+                 E=shape.E, Ev=shape.Ev, dtype=shape.dtype, causal=shape.causal, mask=shape.mask, grad=shape.grad,
+                 window=window, softcap=shape.softcap, alibi=shape.alibi, kv_lens=shape.kv_lens,
+                 bottom_right=shape.bottom_right)
 
 
 # --- time and memory ---------------------------------------------------------------------------------------
@@ -449,6 +515,8 @@ def make_runner(variant: Variant, shape: Shape, device, seed: int = 0):
     q, k, v, mask = shape.make_inputs(device, seed)
     kwargs = dict(attn_mask=mask, is_causal=shape.causal, enable_gqa=shape.gqa > 1)
     if variant.kind == "native":
+        if shape.features:
+            raise ValueError(f"native SDPA cannot run a call with {'+'.join(shape.features)}")
         native = variant_fn(variant)
 
         def fwd():
@@ -456,7 +524,9 @@ def make_runner(variant: Variant, shape: Shape, device, seed: int = 0):
     else:
         from .runtime import fallback
 
-        call = contract.normalize(q, k, v, **kwargs)  # once: the timing is the kernel's, not the validation's
+        # Once: the timing is the kernel's, not the validation's. With features, the call noflash_tune.attention
+        # makes (the KV cache path: after its gather), which the variant then runs as the runtime does.
+        call = shape.call_of(q, k, v, mask)
 
         def fwd():
             return fallback.run_variant(variant, call)

@@ -4,31 +4,26 @@ finite time, its TFLOP/s and ratio to the case's reference) or carrying the reas
 merged into --out (the same case and impl replaced, other rows kept); the table comes last."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
+import bench_scripts
+
 pytest.importorskip("rich")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "features.py"
 IMPLS = {"window": {"ours", "flex", "sdpa-mask", "ours-causal-full"}, "softcap": {"ours", "ours-plain"},
          "ALiBi": {"ours", "ours-plain"}}
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    """bench/ is not a package: the script loaded by path, at tiny sizes."""
+    """The script at tiny sizes."""
     import torch
 
-    spec = importlib.util.spec_from_file_location("bench_features_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
+    module = bench_scripts.load("features", monkeypatch)
     tiny = dict(N_window=64, window=16, N=32, H=2, D=16, dtype=torch.float32, softcap=30.0, rounds=1, reps=1)
     monkeypatch.setattr(module, "grid", lambda device, quick: tiny)
     return module

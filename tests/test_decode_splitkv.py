@@ -23,9 +23,9 @@ import torch
 from attention_inputs import kv_reference
 
 import noflash_tune
-from noflash_tune import contract, device, resources, tuner, variants
+from noflash_tune import codegen, contract, device, resources, tuner, variants
 from noflash_tune.planning import call_as_if_on
-from noflash_tune.runtime import decode, failures, fallback, plans
+from noflash_tune.runtime import decode, failures, fallback, kernels, plans
 from noflash_tune.shapes import Shape
 from noflash_tune.variants import FAMILIES, Variant
 
@@ -292,16 +292,11 @@ def test_a_plan_whose_decode_kernel_fails_falls_back_to_the_tiers_and_remembers(
 def test_the_decode_bench_runs_end_to_end_at_one_tiny_case(tmp_path, monkeypatch, capsys):
     """bench/decode.py (loaded by path: bench/ is no package) on this machine, one tiny case, one round: every impl
     gets a timed row with its bytes-read rate, written to --out, the table printed."""
-    import importlib.util
     import json
-    import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
-    spec = importlib.util.spec_from_file_location("bench_decode_under_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)
-    spec.loader.exec_module(bench)
+    import bench_scripts
+
+    bench = bench_scripts.load("decode", monkeypatch)
     dtype = torch.float16 if CUDA else torch.float32  # fp32 keeps to the tiers on a GPU (no tensor-core dots)
     tiny = dict(Bs=(1,), Ss=(256,), D=16, Hq=4, Hkv=2, dtype=dtype, rounds=1, reps=1)
     monkeypatch.setattr(bench, "grid", lambda device, quick: tiny)
@@ -354,3 +349,43 @@ def test_gpu_sdpa_decode_through_the_family_and_the_forced_plan(rt):
     _check(out.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), [32768] * 4, causal=False)
     rt.setenv("NOFLASH_TUNE_FORCE", "1")
     assert noflash_tune.explain(q, k, v, enable_gqa=True).variant.family == FAMILY
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_one_launch_a_step_leaves_its_tickets_zero_across_split_counts_streams_and_a_captured_graph():
+    """The reduction rides in the partial kernel's launch, on ticket counters each launch leaves zeroed: launches
+    with other split counts (other counters' uses) on one stream, on a second stream, and replays of a captured
+    graph (counters of its own) each give the reference's output, step after step."""
+    gen = torch.Generator().manual_seed(33)
+    B, Hkv, G, E, S = 4, 2, 4, 64, 4096
+    q = torch.randn(B, Hkv * G, 1, E, generator=gen).to(DEV, torch.bfloat16)
+    k = torch.randn(B, Hkv, S, E, generator=gen).to(DEV, torch.bfloat16)
+    v = torch.randn(B, Hkv, S, E, generator=gen).to(DEV, torch.bfloat16)
+    call = contract.normalize(q, k, v, None, 0.0, False, None, True)
+    mod = codegen.load(Variant(FAMILY), kernels.spec_of(call), 0)
+    ref = mod.attend(q, k, v, torch.empty_like(q), call.scale, num_splits=1).float()  # one split: no tickets
+    tol = 2e-2 * float(ref.abs().max())  # a split lost or counted twice moves outputs by ~1/splits of their size
+
+    def step(splits, out=None):
+        return mod.attend(q, k, v, torch.empty_like(q) if out is None else out, call.scale, num_splits=splits)
+
+    for splits in (2, 7, 16, 3, 16, 64, 2):
+        assert (step(splits).float() - ref).abs().max() < tol, splits
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        outs = [step(s) for s in (16, 5, 16)]
+    torch.cuda.current_stream().wait_stream(side)
+    assert all((o.float() - ref).abs().max() < tol for o in outs)
+    out = torch.empty_like(q)
+    with torch.cuda.stream(side):
+        step(8, out)  # compiled and warm before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            step(8, out)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert (out.float() - ref).abs().max() < tol
+    assert (step(8).float() - ref).abs().max() < tol  # the eager counters untouched by the graph's

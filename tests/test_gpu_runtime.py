@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import noflash_tune
+from bench._shared import captured
 from noflash_tune import configs
 from noflash_tune.measure import check_accuracy, math_attention
 from noflash_tune.runtime import failures, kernels
@@ -45,14 +46,7 @@ def record(mp, tmp_path, shape: Shape, winner: Variant, ms=0.1, native=("cudnn",
 def replayed(fn, inputs):
     """``fn()`` captured in a CUDA graph after one warm-up, replayed on new values written into ``inputs``:
     (the replayed output, the eager output on those values)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = captured(fn)
     for i, t in enumerate(inputs):
         t.copy_(rnd(*t.shape, dtype=t.dtype, seed=100 + i))
     graph.replay()

@@ -781,14 +781,9 @@ def test_gpu_dropout_draws_new_keep_decisions_on_each_cuda_graph_replay():
     def run():
         return noflash_tune.attention(q, k, v, variant=variant, dropout_p=0.5)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    from bench._shared import captured
+
+    graph, out = captured(run)
     outs = []
     for _ in range(3):
         graph.replay()

@@ -28,6 +28,17 @@ them) also holds ``"native_pinned": "math"``: its ``native`` is native's math pa
 memory say), so the runtime compares with it only where native has no fused kernel for the call, and passes the
 entry over elsewhere. Entries without the key (every file written before it) are read as before.
 
+A bucket of calls with features beyond SDPA (``noflash_tune.attention``'s window, softcap and ALiBi; the KV
+cache's per-sequence key lengths and bottom-right alignment) also holds ``"features"``, the list of their names in
+the order ``window, softcap, alibi, kv_lens, bottom_right`` (e.g. ``["window", "softcap"]``: the bucket key's
+``.../window+softcap``); its ``shape`` holds the values measured (``"window": [4095, 0]``, ``"softcap": 50.0``,
+``"alibi": true``, ``"kv_lens": true``, ``"bottom_right": true``; features off are left out), and its
+``native`` is null (no native backend serves such a call). A plain bucket leaves the field out, so every file
+written before it reads as before. Optional fields added this way keep the schema number (as ``native_pinned``
+did): the number changes where a reader of the old schema would misread a file (schema 2's per-family hashes
+changed what makes an entry stale), and a version that does not know an added field refuses the file for its
+unknown key all the same, with one warning.
+
 ``vram_cap_gib`` is the cap every winner in the file respects (null: none). ``templates_hash`` covers every
 template that can serve on the device (:func:`~noflash_tune.configs.fingerprint.templates_hash_for`);
 ``family_templates`` holds, for each family that can serve there, the hash of the templates that family renders

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .. import variants as _variants
-from ..shapes import MASKS, Bucket, Shape
+from ..shapes import FEATURES, MASKS, Bucket, FeatureBucket, Shape
 from ..variants import NATIVE_BACKENDS, UnknownVariant, Variant
 from .schema import (_CONTROL, _FORBIDDEN, DTYPES, SCHEMAS_READ, TRIAL_KEYS, ConfigError, ConfigFile, DeviceInfo,
                      Entry, _warn)
@@ -139,15 +139,36 @@ def _device(v: Any, where: str, schema: int) -> DeviceInfo:
     )
 
 
+def _optional(v: Any, names: Iterable[str]) -> tuple:
+    """Those of ``names`` (optional keys) that the object ``v`` holds, for :func:`_obj`'s exact key set."""
+    return tuple(n for n in names if type(v) is dict and n in v)
+
+
+def _features(v: Any, where: str) -> str:
+    """A feature bucket's ``features``: a non-empty list of known feature names in :data:`FEATURES`' order, each
+    once (one spelling per bucket, as its key reads them); returned as that key's ``a+b`` form."""
+    if type(v) is not list:
+        _fail(where, f"expected a list of feature names, got {type(v).__name__} {_short(v)}")
+    if not v:
+        _fail(where, "an empty list: a bucket without features leaves the field out")
+    names = [_text(n, f"{where}[{i}]", pattern=_PARAM_RE, what="feature name") for i, n in enumerate(v)]
+    unknown = [n for n in names if n not in FEATURES]
+    if unknown:
+        _fail(where, f"unknown feature(s) {_short(unknown)}; known: {list(FEATURES)}")
+    if names != sorted(set(names), key=FEATURES.index):
+        _fail(where, f"features {_short(names)} must be listed once each, in the order {list(FEATURES)}")
+    return "+".join(names)
+
+
 def _bucket(v: Any, where: str) -> Bucket:
-    d = _obj(v, where, [f.name for f in fields(Bucket)])
+    d = _obj(v, where, [f.name for f in fields(Bucket)] + list(_optional(v, ("features",))))
     seq = {}
     for name in ("seq_q", "seq_k"):
         n = _int(d[name], f"{where}.{name}", 1, _MAX_DIM)
         if n & (n - 1):
             _fail(f"{where}.{name}", f"{n} is not a power of two")
         seq[name] = n
-    return Bucket(
+    kw = dict(
         dtype=_text(d["dtype"], f"{where}.dtype", choices=DTYPES),
         head_dim=_int(d["head_dim"], f"{where}.head_dim", 1, _MAX_DIM),
         head_dim_v=_int(d["head_dim_v"], f"{where}.head_dim_v", 1, _MAX_DIM),
@@ -157,10 +178,21 @@ def _bucket(v: Any, where: str) -> Bucket:
         grad=_bool(d["grad"], f"{where}.grad"),
         **seq,
     )
+    if "features" in d:
+        return FeatureBucket(**kw, features=_features(d["features"], f"{where}.features"))
+    return Bucket(**kw)
+
+
+def _window(v: Any, where: str) -> tuple:
+    if type(v) is not list or len(v) != 2:
+        _fail(where, f"expected [left, right], got {type(v).__name__} {_short(v)}")
+    return tuple(None if side is None else _int(side, f"{where}[{i}]", 0, _MAX_DIM) for i, side in enumerate(v))
 
 
 def _shape(v: Any, where: str) -> Shape:
-    d = _obj(v, where, [f.name for f in fields(Shape)])
+    # Shape's feature fields are named as the features, and optional: a plain shape holds none of them.
+    plain = [f.name for f in fields(Shape) if f.name not in FEATURES]
+    d = _obj(v, where, plain + list(_optional(v, FEATURES)))
     kw: dict = {}
     for name in ("B", "H", "L", "Hkv", "S", "E", "Ev"):
         kw[name] = _int(d[name], f"{where}.{name}", 1, _MAX_DIM)
@@ -168,6 +200,13 @@ def _shape(v: Any, where: str) -> Shape:
     kw["mask"] = _text(d["mask"], f"{where}.mask", choices=MASKS)
     kw["causal"] = _bool(d["causal"], f"{where}.causal")
     kw["grad"] = _bool(d["grad"], f"{where}.grad")
+    if "window" in d:
+        kw["window"] = _window(d["window"], f"{where}.window")
+    if "softcap" in d:
+        kw["softcap"] = _num(d["softcap"], f"{where}.softcap")
+    for name in ("alibi", "kv_lens", "bottom_right"):
+        if name in d:
+            kw[name] = _bool(d[name], f"{where}.{name}")
     try:
         return Shape(**kw)
     except (ValueError, ArithmeticError) as exc:

@@ -16,6 +16,7 @@ custom op (runtime/ops.py). Device facts, probes and config loading happen only 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
@@ -151,6 +152,12 @@ def _normalized(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa) -> contr
     return contract.normalize(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
 
 
+def dense_call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa) -> contract.Call:
+    """The Call the full path makes of a dense call (validated, with autocast's casts): what runtime/nested.py plans
+    a sequence's call with, so that its plan is the one that call gets here."""
+    return _normalized(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
+
+
 def _run_ours(chain, call, device_type):
     cap = settings.current().vram_cap
     if _autocast_dtype(device_type) is not None:
@@ -201,8 +208,18 @@ def route_for(plan: Plan):
 
 
 def _new_route(key, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
-    """The full path of a call: delegate, validate, plan; the route is kept under ``key`` for the next call."""
-    if contract.should_delegate(q, k, v, mask):
+    """The full path of a call: delegate, validate, plan; the route is kept under ``key`` for the next call.
+
+    A call with nested tensors has no route key (a tensor subclass, or no shape), so it reaches this every time:
+    runtime/nested.py decides per call whether its sequences are served one dense call each or native's nested
+    kernel takes it as it is. Under a ``__torch_function__`` mode, functorch transforms or jit.trace it
+    goes to native untouched, as every nested call did before."""
+    why = contract.should_delegate(q, k, v, mask)
+    if why == "nested tensors" and not (_tf_mode() or _transforms_active() or _tracing_state() is not None):
+        from .nested import nested_sdpa  # here, not at import: most processes never see a nested call
+
+        route = functools.partial(nested_sdpa, dense_call, sdpa)
+    elif why:
         route = _delegate
     else:
         call = _normalized(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)  # raises for bad input

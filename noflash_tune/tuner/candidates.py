@@ -24,10 +24,15 @@ class Candidates:
     families_rejected: dict[str, list[str]]
 
 
+NATIVE_CANNOT = "native SDPA cannot serve a call with features beyond SDPA (noflash_tune.attention serves them)"
+
+
 def candidates_for(shape: Shape, device, families: tuple[str, ...] | None = None) -> Candidates:
     """Every variant of every family that can serve ``shape`` on ``device``, after analytic pruning; with
     ``families``, of those only (the native backends are candidates whatever the choice: each entry records the
-    best of them)."""
+    best of them). A shape with features is served by the families whose reasons accept its call, never by native
+    SDPA (the runtime never hands it such a call, not even a bottom-right alignment its reasons would let pass):
+    no native backend is a candidate, and its entry records none."""
     call = shape.planning_call(device)
     kept, pruned, rejected = [], [], {}
     dev_type = torch.device(device).type
@@ -35,6 +40,9 @@ def candidates_for(shape: Shape, device, families: tuple[str, ...] | None = None
         if fam.kind == "native":
             backend = name.split(":", 1)[1]
             if dev_type == "cpu" and backend not in ("flash", "math"):
+                continue
+            if shape.features:
+                rejected[name] = [NATIVE_CANNOT]
                 continue
         elif families is not None and name not in families:
             continue

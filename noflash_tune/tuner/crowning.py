@@ -106,9 +106,10 @@ def crown(study: optuna.Study, shape: Shape, opts: TuneOptions, cands: Candidate
                    if native_best else None),
         "trials": {k: counts[k] for k in ("complete", "pruned_cap", "pruned_accuracy", "failed")},
     }
-    if fused_switched_off():
+    if fused_switched_off() and not shape.features:
         # Measured as on a GPU without fused kernels (--native math): "native" (or its absence, where math ran out
-        # of memory) says nothing about a device whose fused kernels take the call, and the runtime knows it.
+        # of memory) says nothing about a device whose fused kernels take the call, and the runtime knows it. A
+        # feature entry compares with no native backend (none serves such a call): nothing to qualify.
         entry["native_pinned"] = "math"
     return BucketResult(shape=shape, entry=entry, counts=counts)
 

@@ -43,6 +43,8 @@ def study_name(device_key: str, shape: Shape, device, families: tuple[str, ...] 
 
     s = shape
     shape_key = f"B{s.B}H{s.H}kv{s.Hkv}L{s.L}S{s.S}E{s.E}Ev{s.Ev}"
+    if s.features:  # the values too: two windows of one bucket are two shapes, each its own study
+        shape_key += "/" + ",".join(label.replace(" ", "") for label in s.feature_labels())
     native = "/native-math" if fused_switched_off() else ""  # --native math: its own study, never resumed unpinned
     return (f"noflash-tune/{device_key}/{shape.bucket().key}/{shape_key}/space-{variants.space_hash()}"
             f"/templates-{configs.templates_hash_for(device_key)}/cands-{_kept_hash(shape, str(device), families)}"
