@@ -13,6 +13,7 @@ clock drift cancels), each impl times ``--reps`` back-to-back calls (CUDA events
   (B, Hkv, S, D) contiguous copy of the cache (where a second copy does not fit, on the cache's transposed view);
 - ``ours``: ``noflash_tune.attention_with_kvcache`` with its default plan (on a GPU with Triton: triton_decode,
   reading the cache in place; its argument checks included, which read ``cache_seqlens`` on the host);
+- ``ours-host-lengths``: the same with ``cache_seqlens`` on the CPU (the checks read it there: no sync);
 - ``ours-paged-16``, ``ours-paged-256``: the same on a paged cache of 16- and 256-slot pages, the cache's own
   storage seen as pages in a shuffled block table;
 - ``kernel``, ``kernel-paged-16``, ``kernel-paged-256``: the plan's variant launched alone
@@ -84,6 +85,7 @@ class Case:
         self.vc = torch.randn(B, S, Hkv, D, device=device, dtype=dt, generator=gen)
         self.q = torch.randn(B, 1, Hq, D, device=device, dtype=dt, generator=gen)
         self.seqlens = torch.full((B,), S, dtype=torch.int32, device=device)
+        self.seqlens_host = self.seqlens.cpu()  # lengths the caller keeps on the host: no sync in the checks
         self.native_layout = "contiguous copy"
         if free_bytes(device) > 1.1 * self.bytes:  # room for native's own copy beside the cache
             self.kn = self.kc.transpose(1, 2).contiguous()
@@ -112,7 +114,9 @@ class Case:
     def impls(self) -> dict:
         kw = dict(variant=self.variant) if self.variant is not None else {}
         out = {"native": lambda: original_sdpa(self.qn, self.kn, self.vn, enable_gqa=True),
-               "ours": lambda: noflash_tune.attention_with_kvcache(self.q, self.kc, self.vc, self.seqlens, **kw)}
+               "ours": lambda: noflash_tune.attention_with_kvcache(self.q, self.kc, self.vc, self.seqlens, **kw),
+               "ours-host-lengths": lambda: noflash_tune.attention_with_kvcache(self.q, self.kc, self.vc,
+                                                                                self.seqlens_host, **kw)}
         for ps, (kp, vp, table) in self.pages.items():
             out[f"ours-paged-{ps}"] = (lambda kp=kp, vp=vp, table=table: noflash_tune.attention_with_kvcache(
                 self.q, kp, vp, self.seqlens, block_table=table, **kw))

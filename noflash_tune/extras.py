@@ -259,7 +259,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     - ``q`` (B, L, Hq, E): the new queries, the last L positions of each sequence;
     - ``k_cache``/``v_cache``: contiguous (B, S_max, Hkv, E) / (B, S_max, Hkv, Ev), or paged (num_pages,
       page_size, Hkv, ·) with ``block_table`` (B, pages_per_seq) int32 naming each sequence's pages in order;
-    - ``cache_seqlens`` (B,) int32 (or an int for all): the keys already cached per sequence;
+    - ``cache_seqlens`` (B,) int32 (or an int for all): the keys already cached per sequence, on q's device or on
+      the CPU (lengths kept on the host: then the checks below need no sync with the device);
     - ``k``/``v`` (B, L_new, Hkv, ·), optional: appended in place at ``cache_seqlens`` before attending (the cache
       is written, ``cache_seqlens`` is not, as flash-attn); sequence b then has n_b = cache_seqlens[b] + L_new keys;
     - ``is_causal``, ``window``, ``alibi_slopes`` align bottom-right: query i sits at position n_b - L + i;
@@ -267,8 +268,9 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
 
     Returns (B, L, Hq, Ev) in q's dtype. Every argument is checked before the first write (``ValueError`` with the
     offending value; ``TypeError`` for a non-tensor), so a call that raises leaves the cache as it was (so the checks
-    sync with the device: ``cache_seqlens`` read on the host, and for a paged cache one flag of its page indices
-    and, with appended keys, one of their slots; nothing after them does on the split-KV path).
+    sync with the device: ``cache_seqlens`` read on the host unless it is there already, and for a paged cache one
+    flag of its page indices and, with appended keys, one of their slots; nothing after them does on the split-KV
+    path: a contiguous cache with host-side lengths is served with no sync at all).
     Only the pages a sequence uses are read (entries of ``block_table`` past them are never looked at). Where
     split-KV decode serves (``triton_decode``: L <= 16, no feature but the lengths, no grad, on a GPU with Triton,
     or named by ``variant=``), its kernel reads the cache in place, pages through the block table, each sequence's
@@ -339,21 +341,24 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     contract.validate_types(q, k_cache, v_cache, None, 0.0, is_causal, scale, False)
     feats = contract.check_features(window, softcap, alibi_slopes, batch=B, heads=Hq, device=q.device)
 
-    # cache_seqlens: to the host once (every check below and the gathered length need it)
+    # cache_seqlens on the host once (every check below and the gathered length need it): read from the device (one
+    # sync) where it lives there; an int, or a tensor on the CPU beside a GPU's q (lengths the caller keeps on the
+    # host), are read where they are and copied to the device without waiting for it.
     if isinstance(cache_seqlens, Tensor):
         if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (B,):
             raise ValueError(f"attention_with_kvcache(): cache_seqlens must be (B,) = ({B},) int32, got "
                              f"{tuple(cache_seqlens.shape)} {cache_seqlens.dtype}")
-        if cache_seqlens.device != q.device:
+        if cache_seqlens.device != q.device and cache_seqlens.device.type != "cpu":
             raise ValueError(f"attention_with_kvcache(): cache_seqlens is on {cache_seqlens.device} but q is on "
-                             f"{q.device}")
-        seqlens = cache_seqlens.to(torch.int64)
+                             f"{q.device} (it may be on q's device or on the CPU)")
+        lens = cache_seqlens.tolist()
+        seqlens = cache_seqlens.to(device=q.device, dtype=torch.int64, non_blocking=True)
     elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        lens = [cache_seqlens] * B
         seqlens = torch.full((B,), cache_seqlens, dtype=torch.int64, device=q.device)
     else:
         raise TypeError(f"attention_with_kvcache(): cache_seqlens must be a (B,) int32 Tensor or an int, not "
                         f"{type(cache_seqlens).__name__}")
-    lens = seqlens.tolist()
     for b, n in enumerate(lens):
         if n < 0:
             raise ValueError(f"attention_with_kvcache(): cache_seqlens[{b}] = {n} is negative")

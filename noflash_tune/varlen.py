@@ -134,6 +134,9 @@ def _check_max(name: str, hint, offs: list) -> None:
 
 def _host_offsets(cu_q: Tensor, cu_k: Tensor) -> tuple[list, list]:
     """Both offsets on the host in one transfer (one sync with the device; none where they live on the CPU)."""
+    if (cu_q.is_cuda or cu_k.is_cuda) and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("attention() with cu_seqlens reads the offsets on the host, which a CUDA graph being "
+                           "captured cannot wait for: pass cu_seqlens_q/cu_seqlens_k on the CPU to capture the call")
     if cu_k is cu_q:
         offs = cu_q.tolist()
         return offs, offs

@@ -389,3 +389,31 @@ def test_gpu_one_launch_a_step_leaves_its_tickets_zero_across_split_counts_strea
         torch.cuda.synchronize()
         assert (out.float() - ref).abs().max() < tol
     assert (step(8).float() - ref).abs().max() < tol  # the eager counters untouched by the graph's
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_host_side_lengths_make_a_contiguous_decode_step_sync_free():
+    """Lengths the caller keeps on the host (a CPU tensor, or an int) are read where they are: with a contiguous
+    cache, appending a key and attending through split-KV decode never waits for the device (CUDA's sync debug
+    mode raises on any sync), and gives what device-side lengths give."""
+    gen = torch.Generator().manual_seed(34)
+    B, Hkv, G, E, cap = 4, 2, 4, 64, 2048
+    lens = [2000, 17, 1024, 512]
+    kc = torch.randn(B, cap, Hkv, E, generator=gen).to(DEV, torch.bfloat16)
+    vc = torch.randn(B, cap, Hkv, E, generator=gen).to(DEV, torch.bfloat16)
+    q = torch.randn(B, 1, Hkv * G, E, generator=gen).to(DEV, torch.bfloat16)
+    k_new = torch.randn(B, 1, Hkv, E, generator=gen).to(DEV, torch.bfloat16)
+    v_new = torch.randn(B, 1, Hkv, E, generator=gen).to(DEV, torch.bfloat16)
+    host = torch.tensor(lens, dtype=torch.int32)
+    ref = noflash_tune.attention_with_kvcache(q, kc.clone(), vc.clone(), host.to(DEV), k=k_new, v=v_new)
+    noflash_tune.attention_with_kvcache(q, kc.clone(), vc.clone(), host, k=k_new, v=v_new)  # warm: plans, compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = noflash_tune.attention_with_kvcache(q, kc, vc, host, k=k_new, v=v_new)
+        same = noflash_tune.attention_with_kvcache(q, kc, vc, 1000)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    assert torch.isfinite(same).all()

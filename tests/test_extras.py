@@ -340,6 +340,10 @@ def test_decode_without_append_and_an_int_cache_seqlens():
     # A sequence with no keys yet outputs zeros, as its row of SDPA would.
     out0 = noflash_tune.attention_with_kvcache(q, kc, vc, torch.tensor([0, 5], dtype=torch.int32))
     assert torch.equal(out0[0], torch.zeros_like(out0[0])) and torch.isfinite(out0).all()
+    # The same lengths as an int, an int32 and an int64 tensor: one result.
+    for lens in (torch.tensor([21, 21], dtype=torch.int32), torch.tensor([21, 21])):
+        torch.testing.assert_close(noflash_tune.attention_with_kvcache(q, kc, vc, lens, alibi_slopes=torch.full(
+            (3,), 0.25)), out, atol=0, rtol=0)
 
 
 def _bad_cases():

@@ -337,3 +337,38 @@ def test_unusual_nested_calls_go_to_native_exactly_as_before(rt, name):
         a, b = (t.values() if t.layout == torch.jagged else t.to_padded_tensor(0.0) for t in (got, want))
         assert torch.equal(a, b)
     assert noflash_tune.explain(*args, **kw).serves_native
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_capture_nested_goes_to_native_and_packed_with_host_offsets_replays(rt):
+    """While a CUDA graph is captured, a nested call goes to native's nested kernel whole (the per-sequence route
+    would read its offsets on the host); a packed call with offsets on the CPU captures and replays, and one with
+    device offsets raises a clear RuntimeError instead of a capture error."""
+    rt.setenv("NOFLASH_TUNE_FORCE", "1")
+    from bench._shared import captured
+
+    lens = [64, 200, 17]
+    cu = _offsets(lens)
+    q, k, v = (torch.randn(int(cu[-1]), 4, 64, generator=torch.Generator().manual_seed(i)).to("cuda", torch.bfloat16)
+               for i in range(3))
+    eager = noflash_tune.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, is_causal=True)
+    graph, out = captured(lambda: noflash_tune.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, is_causal=True))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="pass cu_seqlens_q/cu_seqlens_k on the CPU"):
+        captured(lambda: noflash_tune.attention(q, k, v, cu_seqlens_q=cu.cuda(), cu_seqlens_k=cu.cuda()))
+    njts = [torch.nested.nested_tensor_from_jagged(t, cu.cuda().long(), min_seqlen=min(lens), max_seqlen=max(lens))
+            .transpose(1, 2) for t in (q, k, v)]
+    try:  # what native's nested kernel does under capture is ours to match, whatever it is
+        native_graph, ref = captured(lambda: native.original_sdpa(*njts))
+    except RuntimeError as exc:
+        with pytest.raises(type(exc)):
+            captured(lambda: F.scaled_dot_product_attention(*njts))
+        return
+    graph, out = captured(lambda: F.scaled_dot_product_attention(*njts))
+    native_graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.values(), ref.values(), atol=0, rtol=0)

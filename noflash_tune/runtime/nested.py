@@ -60,6 +60,10 @@ def _unusual(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa) -> str:
     if type(is_causal) is not bool or type(enable_gqa) is not bool or type(dropout_p) not in (float, int) \
             or not (scale is None or type(scale) in (float, int)):
         return "arguments of unexpected types"
+    if vq.is_cuda and torch.cuda.is_current_stream_capturing():
+        # Serving per sequence reads the offsets on the host (a sync: no capture allows it); native's nested kernel
+        # reads the lengths the tensors cache, as it did before this route existed.
+        return "a CUDA graph being captured (the per-sequence route reads the offsets on the host)"
     if is_causal and k._offsets is not q._offsets:
         # Query and key lengths may differ per sequence: a dense call aligns causal top-left, native's fused
         # nested kernels (flash-attn's varlen) bottom-right. Native keeps such calls, with its own meaning.
