@@ -1,11 +1,13 @@
 """What the scripts that write ``bench/results/<device>-<date>/beyond.json`` share (bench/decode.py,
-bench/features.py): the results folder's device name, the merge of a script's rows into that file, and the shim
-that lets Triton's interpreter run the kernels' loops on a CPU. Not a script; the scripts import it as
+bench/features.py, bench/varlen.py): the results folder's device name, the ``--out`` argument and the record of a
+script's rows in that file, the timing table, a CUDA-graph capture, and the shim that lets Triton's interpreter run
+the kernels' loops on a CPU. Not a script; the scripts import it as
 ``bench._shared`` (the repository root on ``sys.path``)."""
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 from pathlib import Path
 
@@ -25,6 +27,38 @@ def device_slug(device: str) -> str:
 def beyond_json(device: str) -> Path:
     """Today's ``bench/results/<device>-<date>/beyond.json``."""
     return REPO / "bench" / "results" / f"{device_slug(device)}-{_dt.date.today():%Y-%m-%d}" / "beyond.json"
+
+
+def interpreting(device: str) -> bool:
+    """Whether ``device``'s Triton kernels run in Triton's interpreter (a CPU with TRITON_INTERPRET=1)."""
+    return device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def free_bytes(device: str) -> int:
+    """The memory free on ``device`` now: what a case may allocate before it is skipped."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    from noflash_tune import device as devmod
+
+    return devmod.free_memory_bytes("cpu")
+
+
+def add_out_argument(ap) -> None:
+    """A beyond.json script's ``--out``: the JSON file its rows are merged into."""
+    ap.add_argument("--out", type=Path, help="the JSON file to merge the rows into (default: "
+                                             "bench/results/<device>-<date>/beyond.json)")
+
+
+def record(rows: list[dict], out: Path | None, device: str, script: str, **meta) -> str:
+    """Merge a script's ``rows`` into ``out`` (default: today's beyond.json for ``device``), its meta the device's
+    name and torch/triton versions plus ``meta``; returns the title of the script's table, which names them."""
+    from noflash_tune import device as devmod
+
+    out = out or beyond_json(device)
+    v = devmod.versions()
+    name = devmod.device_name(device)
+    merge_rows(rows, out, script, dict(device=name, torch=v["torch"], triton=v["triton"], **meta))
+    return f"{script} on {name} (torch {v['torch']}, triton {v['triton']}); rows in {out}"
 
 
 def merge_rows(rows: list[dict], path: Path, script: str, meta: dict) -> None:

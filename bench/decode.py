@@ -34,7 +34,6 @@ Triton's interpreter (named by ``variant=``), else the PyTorch tiers serve them.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -44,12 +43,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import noflash_tune  # noqa: E402
-from noflash_tune import device as devmod, measure, resources  # noqa: E402
+from noflash_tune import measure, resources  # noqa: E402
 from noflash_tune.extras import plan_features  # noqa: E402
 from noflash_tune.runtime import decode  # noqa: E402
 from noflash_tune.runtime.native import original_sdpa  # noqa: E402
 from noflash_tune.variants import Variant  # noqa: E402
-from bench._shared import beyond_json, captured, interpreter_scalars_as_indices, merge_rows  # noqa: E402
+from bench._shared import (add_out_argument, captured, free_bytes, interpreter_scalars_as_indices,  # noqa: E402
+                           interpreting, record)
 
 HQ, HKV = 32, 8
 PAGE_SIZES = (16, 256)
@@ -61,14 +61,6 @@ def grid(device: str, quick: bool) -> dict:
                     D=128, Hq=HQ, Hkv=HKV, dtype=torch.bfloat16, rounds=3 if quick else 7, reps=10 if quick else 20)
     return dict(Bs=(1, 2), Ss=(64, 512) if quick else (64, 512, 2048), D=32, Hq=8, Hkv=2, dtype=torch.float32,
                 rounds=2, reps=2 if quick else 5)
-
-
-def interpreting(device: str) -> bool:
-    return device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def free_bytes(device: str) -> int:
-    return torch.cuda.mem_get_info()[0] if device == "cuda" else devmod.free_memory_bytes("cpu")
 
 
 class Case:
@@ -218,19 +210,14 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and rounds: a short run")
-    ap.add_argument("--out", type=Path, help="the JSON file to merge the rows into (default: "
-                                             "bench/results/<device>-<date>/beyond.json)")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     if interpreting(args.device):
         interpreter_scalars_as_indices()
     rows, skipped = run(args)
-    out = args.out or beyond_json(args.device)
-    v = devmod.versions()
-    meta = dict(device=devmod.device_name(args.device), torch=v["torch"], triton=v["triton"],
-                quick=args.quick, skipped=skipped, interpreted=interpreting(args.device))
-    merge_rows(rows, out, "decode", meta)
-    print(table(rows, f"decode on {meta['device']} (torch {v['torch']}, triton {v['triton']}); rows in {out}",
-                skipped))
+    title = record(rows, args.out, args.device, "decode", quick=args.quick, skipped=skipped,
+                   interpreted=interpreting(args.device))
+    print(table(rows, title, skipped))
     return 0
 
 

@@ -36,7 +36,6 @@ times it anyway); with TRITON_INTERPRET=1 the ours rows run the triton family in
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -46,11 +45,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import noflash_tune  # noqa: E402
-from noflash_tune import contract, device as devmod, measure  # noqa: E402
+from noflash_tune import contract, measure  # noqa: E402
 from noflash_tune.runtime.fallback import run_variant  # noqa: E402
+from noflash_tune.shapes import alibi_slopes  # noqa: E402
 from noflash_tune.runtime.native import original_sdpa  # noqa: E402
 from noflash_tune.variants import Variant  # noqa: E402
-from bench._shared import beyond_json, interpreter_scalars_as_indices, merge_rows, timing_table  # noqa: E402
+from bench._shared import (add_out_argument, free_bytes, interpreter_scalars_as_indices,  # noqa: E402
+                           interpreting, record, timing_table)
 
 NATIVE = "native SDPA (its own choice)"
 
@@ -61,14 +62,6 @@ def grid(device: str, quick: bool) -> dict:
                     rounds=3 if quick else 7, reps=10 if quick else 20)
     return dict(N_window=256 if quick else 1024, window=64 if quick else 256, N=128 if quick else 512, H=2, D=32,
                 dtype=torch.float32, softcap=30.0, rounds=2, reps=2 if quick else 5)
-
-
-def interpreting(device: str) -> bool:
-    return device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def free_bytes(device: str) -> int:
-    return torch.cuda.mem_get_info()[0] if device == "cuda" else devmod.free_memory_bytes("cpu")
 
 
 def keys_seen(L: int, S: int, causal: bool, window) -> int:
@@ -184,7 +177,7 @@ def flex_impl(case: Case, left: int, flex_cpu: bool) -> Impl:
 
 def feature_cases(g: dict, device: str) -> list[Case]:
     N, H, dt = g["N"], g["H"], str(g["dtype"]).split(".")[-1]
-    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], device=device, dtype=torch.float32)
+    slopes = alibi_slopes(H).to(device)  # 2^(-8h/H), the standard slopes
     out = []
     for label, feat in ((f"softcap {g['softcap']:g}", dict(softcap=g["softcap"])),
                         ("ALiBi (H,)", dict(alibi_slopes=slopes))):
@@ -266,22 +259,17 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="fewer rounds and calls (on a CPU, smaller sizes)")
     ap.add_argument("--flex-cpu", action="store_true", help="on a CPU, time flex_attention too (slow to compile)")
-    ap.add_argument("--out", type=Path, help="the JSON file to merge the rows into (default: "
-                                             "bench/results/<device>-<date>/beyond.json)")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     if interpreting(args.device):
         interpreter_scalars_as_indices()
     rows = run(args)
-    out = args.out or beyond_json(args.device)
-    v = devmod.versions()
     g = grid(args.device, args.quick)
-    meta = dict(device=devmod.device_name(args.device), torch=v["torch"], triton=v["triton"], quick=args.quick,
-                interpreted=interpreting(args.device), rounds=g["rounds"], reps=g["reps"])
-    merge_rows(rows, out, "features", meta)
+    title = record(rows, args.out, args.device, "features", quick=args.quick, interpreted=interpreting(args.device),
+                   rounds=g["rounds"], reps=g["reps"])
     from rich.console import Console
 
-    Console(width=220).print(timing_table(rows, f"features on {meta['device']} (torch {v['torch']}, triton "
-                                         f"{v['triton']}); rows in {out}"))
+    Console(width=220).print(timing_table(rows, title))
     return 0
 
 

@@ -40,9 +40,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import noflash_tune  # noqa: E402
-from noflash_tune import device as devmod, measure  # noqa: E402
+from noflash_tune import measure  # noqa: E402
 from noflash_tune.runtime.native import original_sdpa  # noqa: E402
-from bench._shared import beyond_json, merge_rows, timing_table  # noqa: E402
+from bench._shared import add_out_argument, record, timing_table  # noqa: E402
 
 REFERENCE = "native-nested"
 
@@ -191,8 +191,7 @@ def main(argv=None) -> int:
                     help="default: cuda where there is one (the CPU with --smoke)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and calls")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, fp32, two rounds (the CPU by default)")
-    ap.add_argument("--out", type=Path, help="the JSON file to merge the rows into (default: "
-                                             "bench/results/<device>-<date>/beyond.json)")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     g = grid(device, args.quick, args.smoke)
@@ -207,15 +206,11 @@ def main(argv=None) -> int:
         del case
         if device == "cuda":
             torch.cuda.empty_cache()
-    out = args.out or beyond_json(device)
-    v = devmod.versions()
-    meta = dict(device=devmod.device_name(device), torch=v["torch"], triton=v["triton"], quick=args.quick,
-                smoke=args.smoke, lens=list(g["lens"]), rounds=g["rounds"], reps=g["reps"])
-    merge_rows(rows, out, "varlen", meta)
+    title = record(rows, args.out, device, "varlen", quick=args.quick, smoke=args.smoke, lens=list(g["lens"]),
+                   rounds=g["rounds"], reps=g["reps"])
     from rich.console import Console
 
-    Console(width=220).print(timing_table(rows, f"varlen on {meta['device']} (torch {v['torch']}, triton {v['triton']}); "
-                                         f"rows in {out}"))
+    Console(width=220).print(timing_table(rows, title))
     return 0
 
 

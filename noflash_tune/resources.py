@@ -63,6 +63,20 @@ def _shared_memory_reason(fp: Footprint, profile: "DeviceProfile") -> str:
     return ""
 
 
+def _tiles_footprint(smem: int, tile_bytes: int, threads: int, profile: "DeviceProfile") -> Footprint:
+    """A program whose register tiles take ``tile_bytes`` over ``threads`` threads (4 bytes a register), plus
+    ``OVERHEAD_REGS``, against what that many threads may hold: the ``triton`` and ``triton_decode`` programs."""
+    return Footprint(shared_memory=smem, threads=threads, registers=_cdiv(tile_bytes, 4 * threads) + OVERHEAD_REGS,
+                     register_budget=profile.registers_at(threads))
+
+
+def _key_block_reason(bn: int, call: "Call", least: int = 16) -> str:
+    """A key block past the call's keys (the tile of the next power of two, or ``least``, already covers them)."""
+    if bn > max(pow2_ceil(call.S), least):
+        return f"BLOCK_N={bn} > the {call.S} keys"
+    return ""
+
+
 def _no_gpu_reason(family: str, profile: "DeviceProfile") -> str:
     return "" if profile.gpu else f"{family} is a GPU kernel: it does not run on a {profile.key}"
 
@@ -141,9 +155,7 @@ def triton_footprint(v, call: "Call") -> Footprint:
             tile_bytes += (ne + ntp) * bn * bd * elt
     else:
         tile_bytes += (bm * tile_e + bn * tile_e + bn * out_cols) * elt
-    registers = _cdiv(tile_bytes, 4 * threads) + OVERHEAD_REGS
-    return Footprint(shared_memory=smem, threads=threads, registers=registers,
-                     register_budget=profile.registers_at(threads))
+    return _tiles_footprint(smem, tile_bytes, threads, profile)
 
 
 def triton_prune_reason(v, call: "Call") -> str:
@@ -158,8 +170,9 @@ def triton_prune_reason(v, call: "Call") -> str:
     dpad = pow2_ceil(max(d, 16))
     if bm > max(pow2_ceil(call.L), 16):
         return f"BLOCK_M={bm} > the {call.L} query rows"
-    if bn > max(pow2_ceil(call.S), 16):
-        return f"BLOCK_N={bn} > the {call.S} keys"
+    why = _key_block_reason(bn, call)
+    if why:
+        return why
     if dpad > 256 and bd == 0:
         return f"head dim {d} > 256 needs split-D (BLOCK_D > 0)"
     if bd and dpad <= 256:
@@ -222,8 +235,9 @@ def triton_chunked_prune_reason(v, call: "Call") -> str:
     bm, bn, bd, nw = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_D"], p["num_warps"]
     if bm > max(pow2_ceil(rows), 32):
         return f"BLOCK_M={bm} > the {rows} rows of a query block"
-    if bn > max(pow2_ceil(call.S), 16):
-        return f"BLOCK_N={bn} > the {call.S} keys"
+    why = _key_block_reason(bn, call)
+    if why:
+        return why
     if bd > max(pow2_ceil(call.Ev), 64):
         return f"BLOCK_D={bd} > the value head dim {call.Ev}"
     fp = triton_chunked_footprint(v, call)
@@ -303,8 +317,9 @@ def triton_ws_prune_reason(v, call: "Call") -> str:
     if why:
         return why
     bn = v.params["BLOCK_N"]
-    if bn > max(pow2_ceil(call.S), 64):
-        return f"BLOCK_N={bn} > the {call.S} keys"
+    why = _key_block_reason(bn, call, least=64)
+    if why:
+        return why
     fp = triton_ws_footprint(v, call)
     return _ws_registers_reason(fp, bn, call.E) or _shared_memory_reason(fp, _device.profile_of(call))
 
@@ -335,8 +350,9 @@ def triton_chunked_ws_prune_reason(v, call: "Call") -> str:
     if why:
         return why
     bn, bd = p["BLOCK_N"], p["BLOCK_D"]
-    if bn > max(pow2_ceil(call.S), 64):
-        return f"BLOCK_N={bn} > the {call.S} keys"
+    why = _key_block_reason(bn, call, least=64)
+    if why:
+        return why
     if bd > max(pow2_ceil(call.Ev), 128):
         return f"BLOCK_D={bd} > the value head dim {call.Ev}"
     fp = triton_chunked_ws_footprint(v, call)
@@ -418,8 +434,7 @@ def triton_decode_footprint(v, call: "Call") -> Footprint:
     tile_bytes = rows * bn * 4 + rows * bn * elt + rows * ev_pad * 4
     if not (profile.wgmma and rows >= 64 and elt == 2):
         tile_bytes += (rows * e_pad + bn * e_pad + bn * ev_pad) * elt
-    return Footprint(shared_memory=smem, threads=threads, registers=_cdiv(tile_bytes, 4 * threads) + OVERHEAD_REGS,
-                     register_budget=profile.registers_at(threads))
+    return _tiles_footprint(smem, tile_bytes, threads, profile)
 
 
 def triton_decode_prune_reason(v, call: "Call") -> str:
@@ -435,8 +450,9 @@ def triton_decode_prune_reason(v, call: "Call") -> str:
     rows = _decode_packed_rows(call)
     if p["BLOCK_M"] > rows:
         return f"BLOCK_M={p['BLOCK_M']} > the {call.L * call.groups} query rows of a kv head (the same tile as {rows})"
-    if p["BLOCK_N"] > max(pow2_ceil(call.S), 16):
-        return f"BLOCK_N={p['BLOCK_N']} > the {call.S} keys"
+    why = _key_block_reason(p["BLOCK_N"], call)
+    if why:
+        return why
     blocks = _cdiv(max(call.S, 1), p["BLOCK_N"])
     if p["splits"] > blocks:
         return f"splits={p['splits']} > the {blocks} key blocks (the splits past them are empty)"

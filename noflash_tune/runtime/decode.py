@@ -92,14 +92,13 @@ def run(variant: Variant, call, q: Tensor, k_cache: Tensor, v_cache: Tensor, blo
 def serve(call, chosen: Variant, explicit: bool, q: Tensor, k_cache: Tensor, v_cache: Tensor,
           block_table: Tensor | None, n_max: int) -> Tensor | None:
     """The output of ``chosen`` (:func:`choose`'s) on ``call``, or None where it failed and the caller is to gather
-    and go on. The caller's own variant (``explicit``) runs exactly, its errors raised; the plan's falls back: a
-    failure other than running out of memory is remembered for the bucket (the chain then skips it too), an error
-    that leaves the device unusable is raised."""
+    and go on. The caller's own variant (``explicit``) runs exactly, its errors raised; the plan's falls back as a
+    chain's variant does (:func:`fallback.failed`: remembered for the bucket unless it ran out of memory or a
+    capture refused its compile, raised where the device is left unusable)."""
     try:
         return run(chosen, call, q, k_cache, v_cache, block_table, n_max)
     except Exception as exc:  # noqa: BLE001 - the plan's variant falls back, as the chain's do
-        if explicit or failures.is_fatal(exc):
+        if explicit:
             raise
-        if not failures.is_oom(exc):
-            failures.remember(chosen, call, exc)
+        fallback.failed(chosen, call, exc)
         return None

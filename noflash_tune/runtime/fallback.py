@@ -181,18 +181,26 @@ def run_chain(chain: list[Variant], call, cap_bytes: int | None = None) -> tuple
         try:
             return run_variant(v, call, tuple(chain[i + 1:])), v, tried
         except Exception as exc:  # noqa: BLE001 - every failure of ours falls back; only fatal ones are raised
-            if is_fatal(exc):
-                raise
-            if isinstance(exc, capture.CompileDuringCapture):  # this capture's, not the variant's: not remembered
-                tried.append((v, str(exc)))
-            elif is_oom(exc):
-                tried.append((v, str(exc).splitlines()[0][:160] or type(exc).__name__))
-                log.info("noflash-tune: %s ran out of memory (%s); falling back", v, tried[-1][1])
-                if call.q.device.type == "cuda" and not capture.capturing(call.q.device):
-                    torch.cuda.empty_cache()
-            else:
-                tried.append((v, remember(v, call, exc, bucket)))
+            tried.append((v, failed(v, call, exc, bucket)))
     raise NoVariantRan(tried)
+
+
+def failed(v: Variant, call, exc: Exception, bucket: str | None = None) -> str:
+    """What a variant's failure leaves, as the chain handles it, and why it failed (a line): a fatal error (the
+    device unusable) is raised; a compile a CUDA-graph capture refused is this capture's, not the variant's, and is
+    not remembered; running out of memory frees the allocator's cache (outside a capture) and is not remembered;
+    any other error is remembered for the (variant, bucket) pair, which the chain skips from then on."""
+    if is_fatal(exc):
+        raise exc
+    if isinstance(exc, capture.CompileDuringCapture):
+        return str(exc)
+    if is_oom(exc):
+        why = str(exc).splitlines()[0][:160] or type(exc).__name__
+        log.info("noflash-tune: %s ran out of memory (%s); falling back", v, why)
+        if call.q.device.type == "cuda" and not capture.capturing(call.q.device):
+            torch.cuda.empty_cache()
+        return why
+    return remember(v, call, exc, bucket)
 
 
 def native_fits(call, cap_bytes: int | None) -> bool:
