@@ -34,7 +34,7 @@ from torch import Tensor
 from . import contract
 from .sizes import pow2_ceil
 
-__all__ = ["VarlenPlan", "attention", "explain", "group_by_bucket", "per_sequence"]
+__all__ = ["VarlenPlan", "attention", "explain", "group_by_bucket", "host_offsets", "per_sequence"]
 
 
 # --- one call per sequence -----------------------------------------------------------------------------------------
@@ -132,16 +132,28 @@ def _check_max(name: str, hint, offs: list) -> None:
         raise ValueError(f"{name} = {int(hint)} is below the longest sequence's length, {longest}")
 
 
-def _host_offsets(cu_q: Tensor, cu_k: Tensor) -> tuple[list, list]:
-    """Both offsets on the host in one transfer (one sync with the device; none where they live on the CPU)."""
+def host_offsets(*offsets: Tensor) -> list[list]:
+    """Offset tensors as host lists, in one transfer (one sync with the device; none where they live on the CPU);
+    a tensor given twice (self-attention's q and k) is read once and its list shared."""
+    distinct = list({id(t): t for t in offsets}.values())
+    if len(distinct) == 1:
+        lists = [distinct[0].tolist()]
+    else:
+        flat = torch.cat([t.to(device=distinct[0].device, dtype=torch.int64) for t in distinct]).tolist()
+        ends = [0]
+        for t in distinct:
+            ends.append(ends[-1] + t.numel())
+        lists = [flat[a:b] for a, b in zip(ends, ends[1:])]
+    by_id = {id(t): lst for t, lst in zip(distinct, lists)}
+    return [by_id[id(t)] for t in offsets]
+
+
+def _host_offsets(cu_q: Tensor, cu_k: Tensor) -> list[list]:
+    """A packed call's offsets on the host (:func:`host_offsets`), refused while a CUDA graph is captured."""
     if (cu_q.is_cuda or cu_k.is_cuda) and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("attention() with cu_seqlens reads the offsets on the host, which a CUDA graph being "
                            "captured cannot wait for: pass cu_seqlens_q/cu_seqlens_k on the CPU to capture the call")
-    if cu_k is cu_q:
-        offs = cu_q.tolist()
-        return offs, offs
-    both = torch.cat([cu_q.to(torch.int64), cu_k.to(device=cu_q.device, dtype=torch.int64)]).tolist()
-    return both[:cu_q.numel()], both[cu_q.numel():]
+    return host_offsets(cu_q, cu_k)
 
 
 def _packed_views(query, key, value, cu_q, cu_k, attn_mask, dropout_p, is_causal, scale, enable_gqa):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sizes import pow2_ceil
-from ..varlen import VarlenPlan, group_by_bucket, per_sequence
+from ..varlen import VarlenPlan, group_by_bucket, host_offsets, per_sequence
 from . import plans
 from .native import original_sdpa
 from .plans import Plan
@@ -145,13 +145,7 @@ def _split(dense_call, q, k, v, args, grads, exact: bool) -> _Split | str:
     probes = _probes(q, k, v, grads)
     if not exact and _native_by_range(dense_call, q, k, probes, args):
         return "every sequence's plan is native SDPA (by the NJTs' cached length range)"
-    offs = [q._offsets, k._offsets, v._offsets]
-    if offs[1] is offs[0] and offs[2] is offs[0]:
-        oq = ok = ov = offs[0].tolist()
-    else:  # one transfer for all three (one sync)
-        host = torch.cat([o.to(device=offs[0].device) for o in offs]).tolist()
-        n = offs[0].numel()
-        oq, ok, ov = host[:n], host[n:2 * n], host[2 * n:]
+    oq, ok, ov = host_offsets(q._offsets, k._offsets, v._offsets)
     if ok != ov:
         return "key and value of different lengths (native raises its own error)"
     qs, ks, vs = probes
